@@ -1,0 +1,31 @@
+# Pick the widest x86 vector ISA the build machine supports. The extension is
+# compiled where it runs (pip install from source), so the build host's ISA is
+# the right target. PYSERVE_CPU_ISA=avx2|avx512|scalar overrides.
+function(pyserve_cpu_isa out_isa out_flags)
+  set(_isa "$ENV{PYSERVE_CPU_ISA}")
+  if(_isa STREQUAL "")
+    set(_isa "scalar")
+    if(EXISTS "/proc/cpuinfo")
+      file(READ "/proc/cpuinfo" _cpuinfo)
+      if(_cpuinfo MATCHES "[ \t]avx2[ \t\n]" AND _cpuinfo MATCHES "[ \t]fma[ \t\n]" AND _cpuinfo MATCHES "[ \t]f16c[ \t\n]")
+        set(_isa "avx2")
+      endif()
+      if(_isa STREQUAL "avx2" AND _cpuinfo MATCHES "[ \t]avx512f[ \t\n]" AND _cpuinfo MATCHES "[ \t]avx512bw[ \t\n]")
+        set(_isa "avx512")
+      endif()
+    endif()
+  endif()
+  if(_isa STREQUAL "avx512")
+    # The kernels use 256-bit AVX2 code paths; AVX-512 only widens what the
+    # compiler may auto-vectorize.
+    set(_flags -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl)
+  elseif(_isa STREQUAL "avx2")
+    set(_flags -mavx2 -mfma -mf16c)
+  elseif(_isa STREQUAL "scalar")
+    set(_flags "")
+  else()
+    message(FATAL_ERROR "pyserve: PYSERVE_CPU_ISA must be avx2, avx512 or scalar, got '${_isa}'")
+  endif()
+  set(${out_isa} "${_isa}" PARENT_SCOPE)
+  set(${out_flags} "${_flags}" PARENT_SCOPE)
+endfunction()

@@ -1,0 +1,11 @@
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_IMPL(pyserve, CUDA, m) {
+  m.impl("reshape_and_cache", &pyserve::cuda::reshape_and_cache);
+  m.impl("compute_slot_mapping", &pyserve::cuda::compute_slot_mapping);
+  m.impl("paged_attention", &pyserve::cuda::paged_attention);
+  m.impl("copy_blocks", &pyserve::cuda::copy_blocks);
+  m.impl("sample", &pyserve::cuda::sample);
+}

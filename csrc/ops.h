@@ -1,0 +1,27 @@
+// C++ signatures of every pyserve op. The CPU (csrc/cpu) and CUDA (csrc/cuda)
+// implementations share these; csrc/torch_bindings.cpp declares the schemas.
+//
+// KV-cache layout (both devices):
+//   key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+// A token in cache slot s lives in block s / block_size at offset s % block_size.
+//
+// Batch layout (varlen, vLLM-v1 style): the new tokens of all sequences are
+// packed into one flat dimension of num_tokens rows. Sequence i owns rows
+// [query_start_loc[i], query_start_loc[i + 1]); seq_lens[i] counts its cached
+// tokens *including* those new rows, so its first new token sits at position
+// seq_lens[i] - (query_start_loc[i + 1] - query_start_loc[i]). Rows at or past
+// query_start_loc[num_seqs] are padding.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace pyserve::cpu {
+#include "ops_decl.inc"
+}  // namespace pyserve::cpu
+
+namespace pyserve::cuda {
+#include "ops_decl.inc"
+}  // namespace pyserve::cuda

@@ -1,0 +1,24 @@
+// Every op schema of the pyserve namespace, in one place. Implementations are
+// registered per device in csrc/cpu/registration.cpp and
+// csrc/cuda/registration.cpp; fake (meta) kernels live in pyserve/_ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyserve, m) {
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "compute_slot_mapping(Tensor block_tables, Tensor seq_lens, "
+      "Tensor query_start_loc, int block_size, int num_tokens) -> (Tensor, Tensor)");
+  m.def(
+      "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
+      "float scale, int max_seq_len) -> Tensor");
+  m.def("copy_blocks(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor block_mapping) -> ()");
+  m.def(
+      "sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
+      "Tensor min_p, Tensor seeds, Tensor steps, Tensor repetition_penalty, "
+      "Tensor presence_penalty, Tensor frequency_penalty, Tensor? prompt_token_ids, "
+      "Tensor? output_token_ids, Tensor? logit_bias_ids, Tensor? logit_bias_values, "
+      "int num_top_logprobs) -> (Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,201 @@
+#include "validate.h"
+
+#include <c10/util/Exception.h>
+
+namespace pyserve {
+namespace {
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_dim(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
+}
+
+void check_dtype(const at::Tensor& t, const char* name, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, name, " must be ", want, ", got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device(),
+              "; all arguments must be on one device");
+}
+
+void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Rows may be strided (views into a fused QKV projection), but each row's
+// [heads, head_dim] must be dense.
+void check_dense_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), name,
+              " must have dense [heads, head_dim] rows (stride(2) == 1, stride(1) == head_dim), got strides ",
+              t.strides());
+}
+
+void check_cache_pair(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  check_dim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  check_dim(value_cache, "value_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(is_float_type(key_cache.scalar_type()), "key_cache must be float32, float16 or bfloat16, got ",
+              key_cache.scalar_type());
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), "value_cache dtype ", value_cache.scalar_type(),
+              " differs from key_cache dtype ", key_cache.scalar_type());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache shape ", value_cache.sizes(),
+              " differs from key_cache shape ", key_cache.sizes());
+  check_same_device(value_cache, "value_cache", key_cache, "key_cache");
+  check_contiguous(key_cache, "key_cache");
+  check_contiguous(value_cache, "value_cache");
+}
+
+void check_row_vector(const at::Tensor& t, const char* name, int64_t batch, at::ScalarType dtype,
+                      const at::Tensor& ref) {
+  check_dim(t, name, 1, "[batch]");
+  TORCH_CHECK(t.size(0) == batch, name, " must have ", batch, " entries (one per logits row), got ", t.size(0));
+  check_dtype(t, name, dtype);
+  check_same_device(t, name, ref, "logits");
+  check_contiguous(t, name);
+}
+
+void check_id_matrix(const c10::optional<at::Tensor>& t, const char* name, int64_t batch, const at::Tensor& ref) {
+  if (!t.has_value()) return;
+  check_dim(*t, name, 2, "[batch, max_len] (-1 = padding)");
+  TORCH_CHECK(t->size(0) == batch, name, " must have ", batch, " rows, got ", t->size(0));
+  check_dtype(*t, name, at::kLong);
+  check_same_device(*t, name, ref, "logits");
+  check_contiguous(*t, name);
+}
+
+}  // namespace
+
+bool supported_head_dim(int64_t head_dim) {
+  switch (head_dim) {
+    case 32: case 64: case 80: case 96: case 112: case 128: case 256:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  check_cache_pair(key_cache, value_cache);
+  check_dim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
+  check_dim(value, "value", 3, "[num_tokens, num_kv_heads, head_dim]");
+  TORCH_CHECK(key.sizes() == value.sizes(), "value shape ", value.sizes(), " differs from key shape ", key.sizes());
+  TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3), "key has [num_kv_heads, head_dim] = [",
+              key.size(1), ", ", key.size(2), "] but key_cache has [", key_cache.size(2), ", ", key_cache.size(3), "]");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "key dtype ", key.scalar_type(),
+              " differs from key_cache dtype ", key_cache.scalar_type());
+  TORCH_CHECK(value.scalar_type() == key_cache.scalar_type(), "value dtype ", value.scalar_type(),
+              " differs from key_cache dtype ", key_cache.scalar_type());
+  check_dense_rows(key, "key");
+  check_dense_rows(value, "value");
+  check_dim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
+  check_dtype(slot_mapping, "slot_mapping", at::kLong);
+  check_contiguous(slot_mapping, "slot_mapping");
+  TORCH_CHECK(slot_mapping.size(0) == key.size(0), "slot_mapping has ", slot_mapping.size(0), " entries but key has ",
+              key.size(0), " tokens");
+  check_same_device(key, "key", key_cache, "key_cache");
+  check_same_device(value, "value", key_cache, "key_cache");
+  check_same_device(slot_mapping, "slot_mapping", key_cache, "key_cache");
+}
+
+static void check_batch_layout(const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                               const at::Tensor& query_start_loc, const at::Tensor& ref, const char* ref_name) {
+  check_dim(block_tables, "block_tables", 2, "[num_seqs, max_blocks_per_seq]");
+  check_dtype(block_tables, "block_tables", at::kInt);
+  check_contiguous(block_tables, "block_tables");
+  check_dim(seq_lens, "seq_lens", 1, "[num_seqs]");
+  check_dtype(seq_lens, "seq_lens", at::kInt);
+  check_contiguous(seq_lens, "seq_lens");
+  check_dim(query_start_loc, "query_start_loc", 1, "[num_seqs + 1]");
+  check_dtype(query_start_loc, "query_start_loc", at::kInt);
+  check_contiguous(query_start_loc, "query_start_loc");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(block_tables.size(0) == num_seqs, "block_tables has ", block_tables.size(0), " rows but seq_lens has ",
+              num_seqs, " sequences");
+  TORCH_CHECK(query_start_loc.size(0) == num_seqs + 1, "query_start_loc must have num_seqs + 1 = ", num_seqs + 1,
+              " entries, got ", query_start_loc.size(0));
+  check_same_device(block_tables, "block_tables", ref, ref_name);
+  check_same_device(seq_lens, "seq_lens", ref, ref_name);
+  check_same_device(query_start_loc, "query_start_loc", ref, ref_name);
+}
+
+void check_compute_slot_mapping(const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                const at::Tensor& query_start_loc, int64_t block_size, int64_t num_tokens) {
+  check_batch_layout(block_tables, seq_lens, query_start_loc, block_tables, "block_tables");
+  TORCH_CHECK(block_size > 0, "block_size must be positive, got ", block_size);
+  TORCH_CHECK(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
+}
+
+void check_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, int64_t max_seq_len) {
+  check_cache_pair(key_cache, value_cache);
+  check_dim(query, "query", 3, "[num_tokens, num_heads, head_dim]");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type(), "query dtype ", query.scalar_type(),
+              " differs from key_cache dtype ", key_cache.scalar_type());
+  check_dense_rows(query, "query");
+  check_same_device(query, "query", key_cache, "key_cache");
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(key_cache.size(3) == head_dim, "query head_dim ", head_dim, " differs from key_cache head_dim ",
+              key_cache.size(3));
+  TORCH_CHECK(supported_head_dim(head_dim), "head_dim ", head_dim,
+              " is not supported (supported: 32, 64, 80, 96, 112, 128, 256)");
+  const int64_t num_heads = query.size(1), num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "query has ", num_heads,
+              " heads, which is not a multiple of key_cache's ", num_kv_heads, " KV heads");
+  check_batch_layout(block_tables, seq_lens, query_start_loc, query, "query");
+  TORCH_CHECK(max_seq_len >= 0, "max_seq_len must be >= 0, got ", max_seq_len);
+}
+
+void check_copy_blocks(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_mapping) {
+  check_cache_pair(key_cache, value_cache);
+  check_dim(block_mapping, "block_mapping", 2, "[num_pairs, 2]");
+  TORCH_CHECK(block_mapping.size(1) == 2, "block_mapping must be [num_pairs, 2] (src, dst), got shape ",
+              block_mapping.sizes());
+  check_dtype(block_mapping, "block_mapping", at::kLong);
+  check_contiguous(block_mapping, "block_mapping");
+  check_same_device(block_mapping, "block_mapping", key_cache, "key_cache");
+}
+
+void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                  const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds, const at::Tensor& steps,
+                  const at::Tensor& repetition_penalty, const at::Tensor& presence_penalty,
+                  const at::Tensor& frequency_penalty, const c10::optional<at::Tensor>& prompt_token_ids,
+                  const c10::optional<at::Tensor>& output_token_ids, const c10::optional<at::Tensor>& logit_bias_ids,
+                  const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs) {
+  check_dim(logits, "logits", 2, "[batch, vocab]");
+  TORCH_CHECK(is_float_type(logits.scalar_type()), "logits must be float32, float16 or bfloat16, got ",
+              logits.scalar_type());
+  check_contiguous(logits, "logits");
+  const int64_t batch = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab > 0, "logits must have a non-empty vocab dimension");
+  check_row_vector(temperature, "temperature", batch, at::kFloat, logits);
+  check_row_vector(top_k, "top_k", batch, at::kInt, logits);
+  check_row_vector(top_p, "top_p", batch, at::kFloat, logits);
+  check_row_vector(min_p, "min_p", batch, at::kFloat, logits);
+  check_row_vector(seeds, "seeds", batch, at::kLong, logits);
+  check_row_vector(steps, "steps", batch, at::kLong, logits);
+  check_row_vector(repetition_penalty, "repetition_penalty", batch, at::kFloat, logits);
+  check_row_vector(presence_penalty, "presence_penalty", batch, at::kFloat, logits);
+  check_row_vector(frequency_penalty, "frequency_penalty", batch, at::kFloat, logits);
+  check_id_matrix(prompt_token_ids, "prompt_token_ids", batch, logits);
+  check_id_matrix(output_token_ids, "output_token_ids", batch, logits);
+  check_id_matrix(logit_bias_ids, "logit_bias_ids", batch, logits);
+  TORCH_CHECK(logit_bias_ids.has_value() == logit_bias_values.has_value(),
+              "logit_bias_ids and logit_bias_values must be given together");
+  if (logit_bias_values.has_value()) {
+    check_dim(*logit_bias_values, "logit_bias_values", 2, "[batch, max_bias]");
+    TORCH_CHECK(logit_bias_values->sizes() == logit_bias_ids->sizes(), "logit_bias_values shape ",
+                logit_bias_values->sizes(), " differs from logit_bias_ids shape ", logit_bias_ids->sizes());
+    check_dtype(*logit_bias_values, "logit_bias_values", at::kFloat);
+    check_same_device(*logit_bias_values, "logit_bias_values", logits, "logits");
+    check_contiguous(*logit_bias_values, "logit_bias_values");
+  }
+  TORCH_CHECK(num_top_logprobs >= 0 && num_top_logprobs <= vocab, "num_top_logprobs must be in [0, vocab=", vocab,
+              "], got ", num_top_logprobs);
+}
+
+}  // namespace pyserve

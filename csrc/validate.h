@@ -1,0 +1,33 @@
+// Argument checks shared by the CPU and CUDA implementation of each op. Each
+// failure is a TORCH_CHECK (a Python RuntimeError) that names the argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace pyserve {
+
+// Head dims the kernels are instantiated for (CUDA templates on them).
+bool supported_head_dim(int64_t head_dim);
+
+void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& slot_mapping);
+
+void check_compute_slot_mapping(const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                const at::Tensor& query_start_loc, int64_t block_size, int64_t num_tokens);
+
+void check_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           const at::Tensor& query_start_loc, int64_t max_seq_len);
+
+void check_copy_blocks(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_mapping);
+
+void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                  const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seeds, const at::Tensor& steps,
+                  const at::Tensor& repetition_penalty, const at::Tensor& presence_penalty,
+                  const at::Tensor& frequency_penalty, const c10::optional<at::Tensor>& prompt_token_ids,
+                  const c10::optional<at::Tensor>& output_token_ids, const c10::optional<at::Tensor>& logit_bias_ids,
+                  const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs);
+
+}  // namespace pyserve

@@ -1,0 +1,129 @@
+"""Typed Python wrappers over ``torch.ops.pyserve.*`` and their fake kernels.
+
+The fake (meta) kernels describe output shapes without computing anything, so
+the ops work under ``torch.compile``, ``torch.library.opcheck`` and
+``FakeTensorMode``. Shapes and semantics are documented in ``csrc/ops_decl.inc``
+and, for sampling, ``csrc/SAMPLING.md``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_ops = torch.ops.pyserve
+
+
+class SampleResult(NamedTuple):
+    token_ids: torch.Tensor  # [batch] int64
+    logprobs: torch.Tensor  # [batch] float32, log-softmax of the raw logits
+    top_ids: torch.Tensor  # [batch, num_top_logprobs] int64
+    top_logprobs: torch.Tensor  # [batch, num_top_logprobs] float32
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = padding
+) -> None:
+    """Write the new tokens' K/V into their cache slots (in place)."""
+    _ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def compute_slot_mapping(
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, cached + new tokens
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    block_size: int,
+    num_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slot and position of every new token: ([num_tokens] int64, [num_tokens] int64)."""
+    return _ops.compute_slot_mapping(block_tables, seq_lens, query_start_loc, block_size, num_tokens)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    scale: float,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """Causal varlen attention over the paged cache: [num_tokens, num_heads, head_dim]."""
+    return _ops.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len)
+
+
+def copy_blocks(
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_mapping: torch.Tensor,  # [num_pairs, 2] int64 (src, dst)
+) -> None:
+    """Copy whole cache blocks src -> dst (copy-on-write), in place."""
+    _ops.copy_blocks(key_cache, value_cache, block_mapping)
+
+
+def sample(
+    logits: torch.Tensor,  # [batch, vocab]
+    temperature: torch.Tensor,  # [batch] float32, 0 = greedy
+    top_k: torch.Tensor,  # [batch] int32, <= 0 = off
+    top_p: torch.Tensor,  # [batch] float32, 1 = off
+    min_p: torch.Tensor,  # [batch] float32, 0 = off
+    seeds: torch.Tensor,  # [batch] int64
+    steps: torch.Tensor,  # [batch] int64
+    repetition_penalty: torch.Tensor,  # [batch] float32, 1 = off
+    presence_penalty: torch.Tensor,  # [batch] float32, 0 = off
+    frequency_penalty: torch.Tensor,  # [batch] float32, 0 = off
+    prompt_token_ids: torch.Tensor | None = None,  # [batch, max_prompt_len] int64, -1 = padding
+    output_token_ids: torch.Tensor | None = None,  # [batch, max_output_len] int64, -1 = padding
+    logit_bias_ids: torch.Tensor | None = None,  # [batch, max_bias] int64, -1 = padding
+    logit_bias_values: torch.Tensor | None = None,  # [batch, max_bias] float32
+    num_top_logprobs: int = 0,
+) -> SampleResult:
+    """One token per row; see csrc/SAMPLING.md for the exact definition."""
+    return SampleResult(
+        *_ops.sample(
+            logits, temperature, top_k, top_p, min_p, seeds, steps,
+            repetition_penalty, presence_penalty, frequency_penalty,
+            prompt_token_ids, output_token_ids, logit_bias_ids, logit_bias_values,
+            num_top_logprobs,
+        )
+    )
+
+
+@torch.library.register_fake("pyserve::compute_slot_mapping")
+def _compute_slot_mapping_fake(block_tables, seq_lens, query_start_loc, block_size, num_tokens):
+    out = block_tables.new_empty((num_tokens,), dtype=torch.int64)
+    return out, torch.empty_like(out)
+
+
+@torch.library.register_fake("pyserve::paged_attention")
+def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len):
+    return query.new_empty(query.shape)
+
+
+@torch.library.register_fake("pyserve::reshape_and_cache")
+def _reshape_and_cache_fake(key, value, key_cache, value_cache, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("pyserve::copy_blocks")
+def _copy_blocks_fake(key_cache, value_cache, block_mapping):
+    return None
+
+
+@torch.library.register_fake("pyserve::sample")
+def _sample_fake(logits, temperature, top_k, top_p, min_p, seeds, steps, repetition_penalty,
+                 presence_penalty, frequency_penalty, prompt_token_ids, output_token_ids,
+                 logit_bias_ids, logit_bias_values, num_top_logprobs):
+    batch = logits.shape[0]
+    return (
+        logits.new_empty((batch,), dtype=torch.int64),
+        logits.new_empty((batch,), dtype=torch.float32),
+        logits.new_empty((batch, num_top_logprobs), dtype=torch.int64),
+        logits.new_empty((batch, num_top_logprobs), dtype=torch.float32),
+    )
