@@ -77,22 +77,16 @@ void attend_item(const WorkItem& item, int64_t kv_head, const Geometry& g, const
       for (int64_t h = 0; h < g.group; ++h) {
         const int64_t r = t * g.group + h;
         const float* qr = q + r * D;
+        dot_rows(qr, k_block, token_stride, visible, D, scores);
         float block_max = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < visible; ++i) {
-          scores[i] = dot(qr, k_block + i * token_stride, D);
-          block_max = std::max(block_max, scores[i]);
-        }
+        for (int64_t i = 0; i < visible; ++i) block_max = std::max(block_max, scores[i]);
         const float new_max = std::max(m[r], block_max);
         const float alpha = std::exp(m[r] - new_max);  // 0 on the first block (m = -inf)
         for (int64_t i = 0; i < visible; ++i) scores[i] -= new_max;
         exp_inplace(scores, visible);
         float block_sum = 0.f;
-        float* acc_r = acc + r * D;
-        scale_inplace(acc_r, alpha, D);
-        for (int64_t i = 0; i < visible; ++i) {
-          block_sum += scores[i];
-          axpy(acc_r, scores[i], v_block + i * token_stride, D);
-        }
+        for (int64_t i = 0; i < visible; ++i) block_sum += scores[i];
+        rescale_accumulate(acc + r * D, alpha, scores, v_block, token_stride, visible, D);
         l[r] = l[r] * alpha + block_sum;
         m[r] = new_max;
       }

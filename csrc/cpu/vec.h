@@ -122,4 +122,80 @@ inline void axpy(float* acc, float w, const T* x, int64_t d) {
   for (; i < d; ++i) acc[i] += w * to_float(x[i]);
 }
 
+// out[j] = dot(q, rows + j * row_stride) for j < n, d values each. Four rows
+// at a time keep four independent FMA chains in flight instead of one
+// latency-bound chain per dot product.
+template <typename T>
+inline void dot_rows(const float* q, const T* rows, int64_t row_stride, int64_t n, int64_t d, float* out) {
+  int64_t j = 0;
+#ifdef PYSERVE_HAVE_AVX2
+  for (; j + 4 <= n; j += 4) {
+    const T* r0 = rows + j * row_stride;
+    const T* r1 = r0 + row_stride;
+    const T* r2 = r1 + row_stride;
+    const T* r3 = r2 + row_stride;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 8 <= d; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      a0 = _mm256_fmadd_ps(qv, load8(r0 + i), a0);
+      a1 = _mm256_fmadd_ps(qv, load8(r1 + i), a1);
+      a2 = _mm256_fmadd_ps(qv, load8(r2 + i), a2);
+      a3 = _mm256_fmadd_ps(qv, load8(r3 + i), a3);
+    }
+    out[j] = hsum(a0);
+    out[j + 1] = hsum(a1);
+    out[j + 2] = hsum(a2);
+    out[j + 3] = hsum(a3);
+    for (; i < d; ++i) {
+      out[j] += q[i] * to_float(r0[i]);
+      out[j + 1] += q[i] * to_float(r1[i]);
+      out[j + 2] += q[i] * to_float(r2[i]);
+      out[j + 3] += q[i] * to_float(r3[i]);
+    }
+  }
+#endif
+  for (; j < n; ++j) out[j] = dot(q, rows + j * row_stride, d);
+}
+
+// acc = acc * alpha + sum_j w[j] * rows[j], d values. acc stays in registers
+// across the rows, four 8-lane chunks at a time.
+template <typename T>
+inline void rescale_accumulate(float* acc, float alpha, const float* w, const T* rows, int64_t row_stride,
+                               int64_t n, int64_t d) {
+  int64_t i = 0;
+#ifdef PYSERVE_HAVE_AVX2
+  const __m256 av = _mm256_set1_ps(alpha);
+  for (; i + 32 <= d; i += 32) {
+    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acc + i), av);
+    __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(acc + i + 8), av);
+    __m256 a2 = _mm256_mul_ps(_mm256_loadu_ps(acc + i + 16), av);
+    __m256 a3 = _mm256_mul_ps(_mm256_loadu_ps(acc + i + 24), av);
+    const T* r = rows + i;
+    for (int64_t j = 0; j < n; ++j, r += row_stride) {
+      const __m256 wv = _mm256_set1_ps(w[j]);
+      a0 = _mm256_fmadd_ps(wv, load8(r), a0);
+      a1 = _mm256_fmadd_ps(wv, load8(r + 8), a1);
+      a2 = _mm256_fmadd_ps(wv, load8(r + 16), a2);
+      a3 = _mm256_fmadd_ps(wv, load8(r + 24), a3);
+    }
+    _mm256_storeu_ps(acc + i, a0);
+    _mm256_storeu_ps(acc + i + 8, a1);
+    _mm256_storeu_ps(acc + i + 16, a2);
+    _mm256_storeu_ps(acc + i + 24, a3);
+  }
+  for (; i + 8 <= d; i += 8) {
+    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(acc + i), av);
+    const T* r = rows + i;
+    for (int64_t j = 0; j < n; ++j, r += row_stride) a0 = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), load8(r), a0);
+    _mm256_storeu_ps(acc + i, a0);
+  }
+#endif
+  for (; i < d; ++i) {
+    float a = acc[i] * alpha;
+    for (int64_t j = 0; j < n; ++j) a += w[j] * to_float(rows[j * row_stride + i]);
+    acc[i] = a;
+  }
+}
+
 }  // namespace pyserve::cpu
