@@ -27,20 +27,23 @@ import pyserve
 from pyserve import _ops
 
 
-def timed(fn, iters: int, warmup: int, device: str) -> float:
-    """Median seconds per call."""
+def timed_side_by_side(fns: dict, iters: int, warmup: int, device: str) -> dict:
+    """Median seconds per call of each function. Calls are interleaved
+    (A B C A B C ...) so that a noisy neighbour slows all of them alike."""
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
     for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def main() -> None:
@@ -96,11 +99,10 @@ def main() -> None:
     torch.testing.assert_close(ours().float(), ref, atol=2e-2 if dtype != torch.float32 else 1e-4, rtol=1e-2)
 
     kv_bytes = 2 * a.batch * a.context * a.num_kv_heads * a.head_dim * key_cache.element_size()
-    rows = []
-    for name, fn in [("pyserve paged_attention", ours), ("torch SDPA (enable_gqa)", sdpa_gqa),
-                     ("torch SDPA (K/V repeated per head)", sdpa_expanded)]:
-        t = timed(fn, a.iters, a.warmup, dev)
-        rows.append({"name": name, "median_us": t * 1e6, "gbps": kv_bytes / t / 1e9})
+    fns = {"pyserve paged_attention": ours, "torch SDPA (enable_gqa)": sdpa_gqa,
+           "torch SDPA (K/V repeated per head)": sdpa_expanded}
+    medians = timed_side_by_side(fns, a.iters, a.warmup, dev)
+    rows = [{"name": name, "median_us": t * 1e6, "gbps": kv_bytes / t / 1e9} for name, t in medians.items()]
     best_torch = min(rows[1:], key=lambda r: r["median_us"])
     ratio = best_torch["median_us"] / rows[0]["median_us"]
 

@@ -1,9 +1,9 @@
 // CPU paged attention for a mixed batch of prefill chunks and decodes.
 //
-// Work item = (sequence, tile of up to kTileRows query rows, KV head). All
-// query heads that share the KV head and all tokens of the tile are processed
-// together, so each cached K/V row is loaded once per tile instead of once per
-// query head and token. Keys are consumed a cache block at a time with an
+// Work item = (sequence, tile of query tokens with up to kTileRows rows of
+// token x head). All heads and tokens of the tile are processed together, so
+// each cached K/V block is read once per tile, front to back, instead of once
+// per query head and token. Keys are consumed a cache block at a time with an
 // online softmax (flash-attention style): scores for the block, one rescale of
 // the accumulators, then the weighted V rows. Math is fp32 whatever the
 // storage dtype.
@@ -38,10 +38,13 @@ struct Geometry {
 };
 
 template <typename T>
-void attend_item(const WorkItem& item, int64_t kv_head, const Geometry& g, const T* query, const T* key_cache,
-                 const T* value_cache, const int32_t* block_table, int64_t first_pos, T* out,
+void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const Geometry& g, const T* query,
+                 const T* key_cache, const T* value_cache, const int32_t* block_table, int64_t first_pos, T* out,
                  std::vector<float>& scratch) {
-  const int64_t D = g.head_dim, rows = item.num_tokens * g.group;
+  const int64_t D = g.head_dim;
+  const int64_t heads = (kv_end - kv_begin) * g.group;  // query heads of this unit
+  const int64_t head0 = kv_begin * g.group;
+  const int64_t rows = item.num_tokens * heads;  // row r = t * heads + (h - head0)
   // scratch: q [rows, D] | acc [rows, D] | m [rows] | l [rows] | scores [block_size]
   scratch.resize(2 * rows * D + 2 * rows + g.block_size);
   float* q = scratch.data();
@@ -51,15 +54,12 @@ void attend_item(const WorkItem& item, int64_t kv_head, const Geometry& g, const
   float* scores = l + rows;
 
   for (int64_t t = 0; t < item.num_tokens; ++t) {
-    for (int64_t h = 0; h < g.group; ++h) {
-      const int64_t r = t * g.group + h;
-      const T* src = query + (item.first_token + t) * g.q_token_stride + (kv_head * g.group + h) * D;
-      for (int64_t d = 0; d < D; ++d) q[r * D + d] = to_float(src[d]) * g.scale;
-      std::fill(acc + r * D, acc + (r + 1) * D, 0.f);
-      m[r] = -std::numeric_limits<float>::infinity();
-      l[r] = 0.f;
-    }
+    const T* src = query + (item.first_token + t) * g.q_token_stride + head0 * D;
+    for (int64_t i = 0; i < heads * D; ++i) q[t * heads * D + i] = to_float(src[i]) * g.scale;
   }
+  std::fill(acc, acc + rows * D, 0.f);
+  std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + rows, 0.f);
 
   // The tile's last token sees the most keys; each row stops at its own position.
   const int64_t kv_len = first_pos + item.num_tokens;
@@ -68,37 +68,39 @@ void attend_item(const WorkItem& item, int64_t kv_head, const Geometry& g, const
     const int64_t block = block_table[b];
     TORCH_CHECK(block >= 0 && block < g.num_blocks, "block_tables[", item.seq, "][", b, "] = ", block,
                 " is not a block id in [0, ", g.num_blocks, ")");
-    const T* k_block = key_cache + block * g.block_size * token_stride + kv_head * D;
-    const T* v_block = value_cache + block * g.block_size * token_stride + kv_head * D;
-    for (int64_t t = 0; t < item.num_tokens; ++t) {
-      // Causal: the row at position p sees keys 0..p.
-      const int64_t visible = std::min(g.block_size, first_pos + t + 1 - b * g.block_size);
-      if (visible <= 0) continue;
-      for (int64_t h = 0; h < g.group; ++h) {
-        const int64_t r = t * g.group + h;
-        const float* qr = q + r * D;
-        dot_rows(qr, k_block, token_stride, visible, D, scores);
-        float block_max = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < visible; ++i) block_max = std::max(block_max, scores[i]);
-        const float new_max = std::max(m[r], block_max);
-        const float alpha = std::exp(m[r] - new_max);  // 0 on the first block (m = -inf)
-        for (int64_t i = 0; i < visible; ++i) scores[i] -= new_max;
-        exp_inplace(scores, visible);
-        float block_sum = 0.f;
-        for (int64_t i = 0; i < visible; ++i) block_sum += scores[i];
-        rescale_accumulate(acc + r * D, alpha, scores, v_block, token_stride, visible, D);
-        l[r] = l[r] * alpha + block_sum;
-        m[r] = new_max;
+    // Walking the KV heads inside the block keeps the reads of one block contiguous.
+    for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
+      const T* k_block = key_cache + block * g.block_size * token_stride + kvh * D;
+      const T* v_block = value_cache + block * g.block_size * token_stride + kvh * D;
+      for (int64_t t = 0; t < item.num_tokens; ++t) {
+        // Causal: the row at position p sees keys 0..p.
+        const int64_t visible = std::min(g.block_size, first_pos + t + 1 - b * g.block_size);
+        if (visible <= 0) continue;
+        for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
+          const int64_t r = t * heads + (h - head0);
+          dot_rows(q + r * D, k_block, token_stride, visible, D, scores);
+          float block_max = -std::numeric_limits<float>::infinity();
+          for (int64_t i = 0; i < visible; ++i) block_max = std::max(block_max, scores[i]);
+          const float new_max = std::max(m[r], block_max);
+          const float alpha = std::exp(m[r] - new_max);  // 0 on the first block (m = -inf)
+          for (int64_t i = 0; i < visible; ++i) scores[i] -= new_max;
+          exp_inplace(scores, visible);
+          float block_sum = 0.f;
+          for (int64_t i = 0; i < visible; ++i) block_sum += scores[i];
+          rescale_accumulate(acc + r * D, alpha, scores, v_block, token_stride, visible, D);
+          l[r] = l[r] * alpha + block_sum;
+          m[r] = new_max;
+        }
       }
     }
   }
 
   for (int64_t t = 0; t < item.num_tokens; ++t) {
-    for (int64_t h = 0; h < g.group; ++h) {
-      const int64_t r = t * g.group + h;
+    T* dst = out + (item.first_token + t) * g.out_token_stride + head0 * D;
+    for (int64_t hr = 0; hr < heads; ++hr) {
+      const int64_t r = t * heads + hr;
       const float inv = 1.f / l[r];
-      T* dst = out + (item.first_token + t) * g.out_token_stride + (kv_head * g.group + h) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[r * D + d] * inv);
+      for (int64_t d = 0; d < D; ++d) dst[hr * D + d] = from_float<T>(acc[r * D + d] * inv);
     }
   }
 }
@@ -128,7 +130,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   TORCH_CHECK(num_seqs == 0 || qsl[0] == 0, "query_start_loc[0] must be 0, got ", qsl[0]);
-  const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / g.group);
+  const int64_t tile_tokens = std::max<int64_t>(1, kTileRows / g.num_heads);
   std::vector<WorkItem> items;
   std::vector<int64_t> first_pos(num_seqs);
   for (int64_t s = 0; s < num_seqs; ++s) {
@@ -144,7 +146,15 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
     }
   }
 
-  const int64_t num_work = static_cast<int64_t>(items.size()) * g.num_kv_heads;
+  // A unit of work is a tile over all KV heads, unless there are too few
+  // tiles to keep every thread busy (a lone long decode): then KV heads are
+  // split across units too.
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t want_units = 4 * at::get_num_threads();
+  const int64_t splits = num_items >= want_units ? 1
+                         : std::min(g.num_kv_heads, (want_units + num_items - 1) / std::max<int64_t>(num_items, 1));
+  const int64_t heads_per_split = (g.num_kv_heads + splits - 1) / splits;
+  const int64_t num_work = num_items * splits;
   PYSERVE_DISPATCH_FLOAT_TYPES(query.scalar_type(), "paged_attention", [&] {
     const scalar_t* q = query.data_ptr<scalar_t>();
     const scalar_t* kc = key_cache.data_ptr<scalar_t>();
@@ -154,10 +164,13 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
     at::parallel_for(0, num_work, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch;
       for (int64_t w = begin; w < end; ++w) {
-        const WorkItem& item = items[w / g.num_kv_heads];
-        const int64_t kv_head = w % g.num_kv_heads;
+        const WorkItem& item = items[w / splits];
+        const int64_t kv_begin = (w % splits) * heads_per_split;
+        const int64_t kv_end = std::min(g.num_kv_heads, kv_begin + heads_per_split);
+        if (kv_begin >= kv_end) continue;
         const int64_t pos = first_pos[item.seq] + (item.first_token - qsl[item.seq]);
-        attend_item<scalar_t>(item, kv_head, g, q, kc, vc, tables + item.seq * g.max_blocks, pos, o, scratch);
+        attend_item<scalar_t>(item, kv_begin, kv_end, g, q, kc, vc, tables + item.seq * g.max_blocks, pos, o,
+                              scratch);
       }
     });
   });

@@ -122,36 +122,44 @@ inline void axpy(float* acc, float w, const T* x, int64_t d) {
   for (; i < d; ++i) acc[i] += w * to_float(x[i]);
 }
 
-// out[j] = dot(q, rows + j * row_stride) for j < n, d values each. Four rows
-// at a time keep four independent FMA chains in flight instead of one
-// latency-bound chain per dot product.
+#ifdef PYSERVE_HAVE_AVX2
+// Lane j of the result = sum of the 8 lanes of v[j]: eight horizontal sums
+// for the price of seven hadds and one cross-lane add.
+inline __m256 transpose_sum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6,
+                             __m256 v7) {
+  const __m256 s01 = _mm256_hadd_ps(v0, v1), s23 = _mm256_hadd_ps(v2, v3);
+  const __m256 s45 = _mm256_hadd_ps(v4, v5), s67 = _mm256_hadd_ps(v6, v7);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  // s0123 = [v0 v1 v2 v3 | v0 v1 v2 v3] (low/high 128-bit halves); same for s4567.
+  const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+#endif
+
+// out[j] = dot(q, rows + j * row_stride) for j < n, d values each. Eight rows
+// at a time keep eight independent FMA chains in flight and share one
+// transposed horizontal sum.
 template <typename T>
 inline void dot_rows(const float* q, const T* rows, int64_t row_stride, int64_t n, int64_t d, float* out) {
   int64_t j = 0;
 #ifdef PYSERVE_HAVE_AVX2
-  for (; j + 4 <= n; j += 4) {
-    const T* r0 = rows + j * row_stride;
-    const T* r1 = r0 + row_stride;
-    const T* r2 = r1 + row_stride;
-    const T* r3 = r2 + row_stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
-      a0 = _mm256_fmadd_ps(qv, load8(r0 + i), a0);
-      a1 = _mm256_fmadd_ps(qv, load8(r1 + i), a1);
-      a2 = _mm256_fmadd_ps(qv, load8(r2 + i), a2);
-      a3 = _mm256_fmadd_ps(qv, load8(r3 + i), a3);
-    }
-    out[j] = hsum(a0);
-    out[j + 1] = hsum(a1);
-    out[j + 2] = hsum(a2);
-    out[j + 3] = hsum(a3);
-    for (; i < d; ++i) {
-      out[j] += q[i] * to_float(r0[i]);
-      out[j + 1] += q[i] * to_float(r1[i]);
-      out[j + 2] += q[i] * to_float(r2[i]);
-      out[j + 3] += q[i] * to_float(r3[i]);
+  if (d % 8 == 0) {
+    for (; j + 8 <= n; j += 8) {
+      const T* r = rows + j * row_stride;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, load8(r + i), a0);
+        a1 = _mm256_fmadd_ps(qv, load8(r + row_stride + i), a1);
+        a2 = _mm256_fmadd_ps(qv, load8(r + 2 * row_stride + i), a2);
+        a3 = _mm256_fmadd_ps(qv, load8(r + 3 * row_stride + i), a3);
+        a4 = _mm256_fmadd_ps(qv, load8(r + 4 * row_stride + i), a4);
+        a5 = _mm256_fmadd_ps(qv, load8(r + 5 * row_stride + i), a5);
+        a6 = _mm256_fmadd_ps(qv, load8(r + 6 * row_stride + i), a6);
+        a7 = _mm256_fmadd_ps(qv, load8(r + 7 * row_stride + i), a7);
+      }
+      _mm256_storeu_ps(out + j, transpose_sum8(a0, a1, a2, a3, a4, a5, a6, a7));
     }
   }
 #endif
