@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -24,6 +25,8 @@ namespace {
 
 // Rows (query token x query head) handled by one work item.
 constexpr int64_t kTileRows = 64;
+// How many blocks ahead to prefetch (measured: 1 block is too short a lead).
+constexpr int64_t kPrefetchBlocks = 1;
 
 struct WorkItem {
   int64_t seq;
@@ -68,6 +71,15 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
     const int64_t block = block_table[b];
     TORCH_CHECK(block >= 0 && block < g.num_blocks, "block_tables[", item.seq, "][", b, "] = ", block,
                 " is not a block id in [0, ", g.num_blocks, ")");
+    // Blocks are scattered in memory, which defeats the hardware prefetcher at
+    // every block boundary: ask for the next block while this one is computed.
+    if ((b + kPrefetchBlocks) * g.block_size < kv_len) {
+      const int64_t ahead = block_table[b + kPrefetchBlocks];
+      if (ahead >= 0 && ahead < g.num_blocks) {
+        prefetch_bytes(key_cache + ahead * g.block_size * token_stride, g.block_size * token_stride * sizeof(T));
+        prefetch_bytes(value_cache + ahead * g.block_size * token_stride, g.block_size * token_stride * sizeof(T));
+      }
+    }
     // Walking the KV heads inside the block keeps the reads of one block contiguous.
     for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
       const T* k_block = key_cache + block * g.block_size * token_stride + kvh * D;
@@ -161,9 +173,13 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
     const scalar_t* vc = value_cache.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int32_t* tables = block_tables.data_ptr<int32_t>();
-    at::parallel_for(0, num_work, 1, [&](int64_t begin, int64_t end) {
+    // Threads pull units from a shared counter rather than taking fixed
+    // halves: work units differ in cost (context lengths), and on a shared
+    // machine one thread may be descheduled for a while.
+    std::atomic<int64_t> next_unit{0};
+    at::parallel_for(0, std::min<int64_t>(num_work, at::get_num_threads()), 1, [&](int64_t, int64_t) {
       std::vector<float> scratch;
-      for (int64_t w = begin; w < end; ++w) {
+      for (int64_t w = next_unit++; w < num_work; w = next_unit++) {
         const WorkItem& item = items[w / splits];
         const int64_t kv_begin = (w % splits) * heads_per_split;
         const int64_t kv_end = std::min(g.num_kv_heads, kv_begin + heads_per_split);

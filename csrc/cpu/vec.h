@@ -77,6 +77,12 @@ inline __m256 exp8(__m256 x) {
 
 #endif  // PYSERVE_HAVE_AVX2
 
+// Hint the cache to start loading [p, p + bytes).
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
 // out[i] = exp(in[i]) for n values.
 inline void exp_inplace(float* x, int64_t n) {
   int64_t i = 0;
