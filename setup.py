@@ -73,8 +73,11 @@ class CMakeBuild(build_ext):
         if shutil.which("ccache"):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        subprocess.run(args, check=True)
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True)
+        # Prefer the cmake and ninja installed next to this Python (the venv's).
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        subprocess.run(args, check=True, env=env)
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True, env=env)
 
 
 setup(

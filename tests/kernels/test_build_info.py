@@ -1,0 +1,29 @@
+"""The extension says what it was built with."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import pyserve
+
+
+def test_build_info_describes_the_build():
+    info = pyserve.build_info()
+    assert info["cpu_isa"] in ("avx2", "avx512", "scalar")
+    assert info["torch_version"] == torch.__version__.split("+")[0] or info["torch_version"] == torch.__version__
+    assert isinstance(info["cuda"], bool)
+    assert bool(info["cuda_archs"]) == info["cuda"]
+
+
+def test_env_module_prints_json():
+    out = subprocess.run([sys.executable, "-m", "pyserve.env"], capture_output=True, text=True, check=True).stdout
+    info = json.loads(out)
+    assert info["extension"] == pyserve.build_info()
+    assert info["torch"] == torch.__version__
+
+
+def test_every_op_has_a_cpu_kernel():
+    for op in ("reshape_and_cache", "compute_slot_mapping", "paged_attention", "copy_blocks", "sample"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyserve::{op}", "CPU"), op
