@@ -132,6 +132,21 @@ float sum_exp(const float* x, int64_t n, float m) {
   return s;
 }
 
+// The first i with x[i] == v (0 if none, e.g. an all-NaN row).
+int64_t first_equal(const float* x, int64_t n, float v) {
+  int64_t i = 0;
+#ifdef PYSERVE_HAVE_AVX2
+  const __m256 vv = _mm256_set1_ps(v);
+  for (; i + 8 <= n; i += 8) {
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vv, _CMP_EQ_OQ));
+    if (mask) return i + __builtin_ctz(mask);
+  }
+#endif
+  for (; i < n; ++i)
+    if (x[i] == v) return i;
+  return 0;
+}
+
 // In place: x[i] <- exp(x[i] / T - zmax), NaN -> 0. True division (not a
 // multiply by 1/T) so z rounds exactly like the reference's x / T.
 void compute_weights(float* x, int64_t n, float T, float zmax) {
@@ -498,12 +513,7 @@ void sample_row(const Elem* row, int64_t b, const Inputs& in, Scratch& s) {
   int64_t token;
   if (T <= kGreedyTemperature) {
     // 5. Greedy: the first id holding the maximum.
-    token = 0;
-    for (int64_t i = 0; i < V; ++i)
-      if (x[i] == xmax) {
-        token = i;
-        break;
-      }
+    token = first_equal(x, V, xmax);
   } else {
     // 6. max(x / T) is xmax / T: correctly rounded division is monotone.
     compute_weights(x, V, T, xmax / T);

@@ -105,13 +105,18 @@ def test_greedy_is_argmax(device, dtype, vocab):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab", [5, 1003, 4099])
+@pytest.mark.parametrize("vocab", [1, 5, 1003, 4099])
 def test_matches_reference_mixed_rows(device, dtype, vocab):
     gen = torch.Generator().manual_seed(vocab)
     batch = 96
-    logits = (torch.randn(batch, vocab, generator=gen) * 3).to(dtype)
+    logits = torch.randn(batch, vocab, generator=gen) * 3
+    if vocab > 1:
+        # Masked vocabulary (padding ids, grammar masks): -inf logits must never be drawn.
+        logits[::4, vocab // 2:] = float("-inf")
+    logits = logits.to(dtype)
     args = make_args(logits.to(device), num_top_logprobs=min(vocab, 6), **random_params(batch, vocab, gen))
-    check_against_reference(args)
+    sampled = check_against_reference(args)
+    assert torch.isfinite(logits.float().gather(1, sampled.cpu()[:, None])).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -204,7 +209,7 @@ def test_batch_invariance(device):
     batch = 17
     logits = torch.randn(batch, vocab, generator=gen) * 2
     kw = random_params(batch, vocab, gen)
-    alone = [_ops.sample(*make_args(logits[b:b + 1], num_top_logprobs=4, **{
+    alone = [_ops.sample(*make_args(logits[b:b + 1].to(device), num_top_logprobs=4, **{
         k: (v[b:b + 1] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})) for b in range(batch)]
     for trial in range(3):
         perm = torch.randperm(batch, generator=gen)
