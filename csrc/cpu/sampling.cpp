@@ -112,10 +112,11 @@ float row_max(const float* x, int64_t n) {
   return m;
 }
 
-// sum_i exp(x[i] - m), accumulated in 4 x 8 float lanes.
+// sum_i exp(x[i] - m), accumulated in 4 x 8 float lanes (the scalar path
+// in a double: one float accumulator over a whole vocab drifts by ~1e-4).
 float sum_exp(const float* x, int64_t n, float m) {
   int64_t i = 0;
-  float s = 0.f;
+  double s = 0.0;
 #ifdef PYSERVE_HAVE_AVX2
   const __m256 mv = _mm256_set1_ps(m);
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -129,7 +130,7 @@ float sum_exp(const float* x, int64_t n, float m) {
   s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
   for (; i < n; ++i) s += std::exp(x[i] - m);
-  return s;
+  return static_cast<float>(s);
 }
 
 // The first i with x[i] == v (0 if none, e.g. an all-NaN row).
@@ -287,6 +288,63 @@ float top_p_threshold(int64_t n, Get get, float p, std::vector<float>& buf, std:
   }
   std::sort(buf.begin(), buf.end(), std::greater<float>());
   return top_p_walk_sorted(buf.data(), static_cast<int64_t>(buf.size()), cum, target);
+}
+
+// t_p over a whole row of weights. Usually the top-p mass sits well above
+// tiny weights, so first histogram only w >= kTopPFloor (a power of two, hence
+// a bucket boundary: those buckets hold exactly the values >= it) and add the
+// rest up as one vectorized "low" mass; only if the crossing falls below the
+// floor, redo it over everything.
+constexpr float kTopPFloor = 0x1.0p-12f;
+
+float top_p_threshold_row(const float* w, int64_t n, float p, std::vector<float>& buf, std::vector<double>& hist) {
+#ifdef PYSERVE_HAVE_AVX2
+  if (n > kSortTopPLimit) {
+    hist.assign(kBuckets, 0.0);
+    const __m256 floor = _mm256_set1_ps(kTopPFloor);
+    __m256d low = _mm256_setzero_pd();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(w + i);
+      const __m256 is_low = _mm256_cmp_ps(v, floor, _CMP_LT_OQ);
+      const __m256 lv = _mm256_and_ps(v, is_low);
+      low = _mm256_add_pd(low, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(lv)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(lv, 1))));
+      int high = ~_mm256_movemask_ps(is_low) & 0xFF;
+      while (high) {
+        const int j = __builtin_ctz(high);
+        high &= high - 1;
+        hist[std::min<int64_t>(float_bits(w[i + j]) >> kBucketShift, kBuckets - 1)] += w[i + j];
+      }
+    }
+    __m128d l2 = _mm_add_pd(_mm256_castpd256_pd128(low), _mm256_extractf128_pd(low, 1));
+    double low_mass = _mm_cvtsd_f64(_mm_add_sd(l2, _mm_unpackhi_pd(l2, l2)));
+    for (; i < n; ++i) {
+      if (w[i] < kTopPFloor)
+        low_mass += w[i];
+      else
+        hist[std::min<int64_t>(float_bits(w[i]) >> kBucketShift, kBuckets - 1)] += w[i];
+    }
+    const int64_t floor_bucket = float_bits(kTopPFloor) >> kBucketShift;
+    double z = low_mass;
+    for (int64_t b = kBuckets - 1; b >= floor_bucket; --b) z += hist[b];
+    const double target = static_cast<double>(p) * z;
+    double cum = 0.0;
+    for (int64_t b = kBuckets - 1; b >= floor_bucket; --b) {
+      if (cum + hist[b] >= target) {
+        buf.clear();
+        const float lo = bits_float(static_cast<uint32_t>(b) << kBucketShift);
+        const float hi = b + 1 < kBuckets ? bits_float(static_cast<uint32_t>(b + 1) << kBucketShift) : kInf;
+        for (int64_t j = 0; j < n; ++j)
+          if (w[j] >= lo && w[j] < hi) buf.push_back(w[j]);
+        std::sort(buf.begin(), buf.end(), std::greater<float>());
+        return top_p_walk_sorted(buf.data(), static_cast<int64_t>(buf.size()), cum, target);
+      }
+      cum += hist[b];
+    }
+  }
+#endif
+  return top_p_threshold(n, [w](int64_t i) { return w[i]; }, p, buf, hist);
 }
 
 // ---- the draw -----------------------------------------------------------------
@@ -535,7 +593,7 @@ void sample_row(const Elem* row, int64_t b, const Inputs& in, Scratch& s) {
       if (mp > 0.f) theta = std::max(theta, mp);
       token = draw_list(s.ids, s.vals, theta, u);
     } else {
-      if (p < 1.f) theta = top_p_threshold(V, [w](int64_t i) { return w[i]; }, p, s.buf, s.hist);
+      if (p < 1.f) theta = top_p_threshold_row(w, V, p, s.buf, s.hist);
       if (mp > 0.f) theta = std::max(theta, mp);
       token = draw_full(w, V, theta, u);
     }
