@@ -290,32 +290,50 @@ float top_p_threshold(int64_t n, Get get, float p, std::vector<float>& buf, std:
   return top_p_walk_sorted(buf.data(), static_cast<int64_t>(buf.size()), cum, target);
 }
 
+#ifdef PYSERVE_HAVE_AVX2
+// kCompress.idx[mask] lists the set lanes of an 8-bit mask first: with
+// _mm256_permutevar8x32_ps it packs the selected lanes of a vector to the
+// front, so filtering a row needs no data-dependent branch.
+struct CompressLut {
+  alignas(32) int32_t idx[256][8];
+};
+constexpr CompressLut make_compress_lut() {
+  CompressLut lut{};
+  for (int m = 0; m < 256; ++m) {
+    int k = 0;
+    for (int j = 0; j < 8; ++j)
+      if (m >> j & 1) lut.idx[m][k++] = j;
+  }
+  return lut;
+}
+constexpr CompressLut kCompress = make_compress_lut();
+#endif
+
 // t_p over a whole row of weights. Usually the top-p mass sits well above
-// tiny weights, so first histogram only w >= kTopPFloor (a power of two, hence
-// a bucket boundary: those buckets hold exactly the values >= it) and add the
-// rest up as one vectorized "low" mass; only if the crossing falls below the
-// floor, redo it over everything.
+// tiny weights, so first pack the w >= kTopPFloor (a power of two, hence a
+// bucket boundary: those buckets hold exactly the values >= it) into `packed`
+// and add the rest up as one vectorized "low" mass; histogram and search only
+// the packed values. Only if the crossing falls below the floor, redo it over
+// everything.
 constexpr float kTopPFloor = 0x1.0p-12f;
 
-float top_p_threshold_row(const float* w, int64_t n, float p, std::vector<float>& buf, std::vector<double>& hist) {
+float top_p_threshold_row(const float* w, int64_t n, float p, float* packed, std::vector<float>& buf,
+                          std::vector<double>& hist) {
 #ifdef PYSERVE_HAVE_AVX2
   if (n > kSortTopPLimit) {
-    hist.assign(kBuckets, 0.0);
     const __m256 floor = _mm256_set1_ps(kTopPFloor);
     __m256d low = _mm256_setzero_pd();
-    int64_t i = 0;
+    int64_t i = 0, np = 0;
     for (; i + 8 <= n; i += 8) {
       const __m256 v = _mm256_loadu_ps(w + i);
-      const __m256 is_low = _mm256_cmp_ps(v, floor, _CMP_LT_OQ);
-      const __m256 lv = _mm256_and_ps(v, is_low);
+      const __m256 is_high = _mm256_cmp_ps(v, floor, _CMP_GE_OQ);
+      const __m256 lv = _mm256_andnot_ps(is_high, v);
       low = _mm256_add_pd(low, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(lv)),
                                              _mm256_cvtps_pd(_mm256_extractf128_ps(lv, 1))));
-      int high = ~_mm256_movemask_ps(is_low) & 0xFF;
-      while (high) {
-        const int j = __builtin_ctz(high);
-        high &= high - 1;
-        hist[std::min<int64_t>(float_bits(w[i + j]) >> kBucketShift, kBuckets - 1)] += w[i + j];
-      }
+      const int mask = _mm256_movemask_ps(is_high);
+      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.idx[mask]));
+      _mm256_storeu_ps(packed + np, _mm256_permutevar8x32_ps(v, idx));  // packed has 8 floats of slack
+      np += __builtin_popcount(mask);
     }
     __m128d l2 = _mm_add_pd(_mm256_castpd256_pd128(low), _mm256_extractf128_pd(low, 1));
     double low_mass = _mm_cvtsd_f64(_mm_add_sd(l2, _mm_unpackhi_pd(l2, l2)));
@@ -323,9 +341,18 @@ float top_p_threshold_row(const float* w, int64_t n, float p, std::vector<float>
       if (w[i] < kTopPFloor)
         low_mass += w[i];
       else
-        hist[std::min<int64_t>(float_bits(w[i]) >> kBucketShift, kBuckets - 1)] += w[i];
+        packed[np++] = w[i];
     }
+    // Histogram of the packed values (kHistCopies interleaved copies).
+    hist.assign(kBuckets * kHistCopies, 0.0);
+    auto bucket = [](float v) { return std::min<int64_t>(float_bits(v) >> kBucketShift, kBuckets - 1); };
+    int64_t j = 0;
+    for (; j + kHistCopies <= np; j += kHistCopies)
+      for (int64_t c = 0; c < kHistCopies; ++c) hist[c * kBuckets + bucket(packed[j + c])] += packed[j + c];
+    for (; j < np; ++j) hist[bucket(packed[j])] += packed[j];
     const int64_t floor_bucket = float_bits(kTopPFloor) >> kBucketShift;
+    for (int64_t b = floor_bucket; b < kBuckets; ++b)
+      for (int64_t c = 1; c < kHistCopies; ++c) hist[b] += hist[c * kBuckets + b];
     double z = low_mass;
     for (int64_t b = kBuckets - 1; b >= floor_bucket; --b) z += hist[b];
     const double target = static_cast<double>(p) * z;
@@ -333,43 +360,55 @@ float top_p_threshold_row(const float* w, int64_t n, float p, std::vector<float>
     for (int64_t b = kBuckets - 1; b >= floor_bucket; --b) {
       if (cum + hist[b] >= target) {
         buf.clear();
-        const float lo = bits_float(static_cast<uint32_t>(b) << kBucketShift);
-        const float hi = b + 1 < kBuckets ? bits_float(static_cast<uint32_t>(b + 1) << kBucketShift) : kInf;
-        for (int64_t j = 0; j < n; ++j)
-          if (w[j] >= lo && w[j] < hi) buf.push_back(w[j]);
+        for (int64_t q = 0; q < np; ++q)
+          if (bucket(packed[q]) == b) buf.push_back(packed[q]);
         std::sort(buf.begin(), buf.end(), std::greater<float>());
         return top_p_walk_sorted(buf.data(), static_cast<int64_t>(buf.size()), cum, target);
       }
       cum += hist[b];
     }
   }
+#else
+  (void)packed;
 #endif
   return top_p_threshold(n, [w](int64_t i) { return w[i]; }, p, buf, hist);
 }
 
 // ---- the draw -----------------------------------------------------------------
 
-// Mass of w[i..i+8) that is >= theta, in double.
 #ifdef PYSERVE_HAVE_AVX2
-inline double block_mass(const float* w, __m256 tv) {
+// acc += the lanes of w[0..8) that are >= theta, widened to double.
+inline __m256d add_kept(__m256d acc, const float* w, __m256 tv) {
   const __m256 v = _mm256_loadu_ps(w);
   const __m256 kept = _mm256_and_ps(v, _mm256_cmp_ps(v, tv, _CMP_GE_OQ));
-  __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(kept)),
-                            _mm256_cvtps_pd(_mm256_extractf128_ps(kept, 1)));
-  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_castps256_ps128(kept)));
+  return _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_extractf128_ps(kept, 1)));
+}
+
+inline double hsum_pd(__m256d v) {
+  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
   return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
 #endif
 
-// Draw from M = {i : w[i] >= theta} over the whole row: Z and the running sum
-// use the same 8-id blocks, so the walk is consistent with Z; only the block
-// that crosses u * Z is walked id by id.
+// Draw from M = {i : w[i] >= theta} over the whole row. The running sum moves
+// a group of kDrawGroup ids at a time (vector sums in double) and only the
+// group that crosses u * Z is walked id by id. Z is summed in another order;
+// in double that moves the crossing by ~1e-16 of Z, and if it ever makes the
+// walk run out, the past-the-end rule below applies.
+constexpr int64_t kDrawGroup = 64;
+
 int64_t draw_full(const float* w, int64_t n, float theta, double u) {
   double z = 0.0;
-  int64_t i = 0, last = -1;
+  int64_t i = 0;
 #ifdef PYSERVE_HAVE_AVX2
   const __m256 tv = _mm256_set1_ps(theta);
-  for (; i + 8 <= n; i += 8) z += block_mass(w + i, tv);
+  __m256d a0 = _mm256_setzero_pd(), a1 = a0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = add_kept(a0, w + i, tv);
+    a1 = add_kept(a1, w + i + 8, tv);
+  }
+  z = hsum_pd(_mm256_add_pd(a0, a1));
 #endif
   for (; i < n; ++i)
     if (w[i] >= theta) z += w[i];
@@ -377,17 +416,12 @@ int64_t draw_full(const float* w, int64_t n, float theta, double u) {
   double c = 0.0;
   i = 0;
 #ifdef PYSERVE_HAVE_AVX2
-  for (; i + 8 <= n; i += 8) {
-    const double s = block_mass(w + i, tv);
-    if (c + s > target) {
-      double ci = c;
-      for (int64_t j = i; j < i + 8; ++j)
-        if (w[j] >= theta) {
-          if (ci + w[j] > target) return j;
-          ci += w[j];
-        }
-    }
-    c += s;
+  for (; i + kDrawGroup <= n; i += kDrawGroup) {
+    __m256d acc = _mm256_setzero_pd();
+    for (int64_t j = i; j < i + kDrawGroup; j += 8) acc = add_kept(acc, w + j, tv);
+    const double g = hsum_pd(acc);
+    if (c + g > target) break;  // the crossing is in this group: walk it below
+    c += g;
   }
 #endif
   for (; i < n; ++i)
@@ -396,9 +430,9 @@ int64_t draw_full(const float* w, int64_t n, float theta, double u) {
       c += w[i];
     }
   // Rounding walked past the end: the last id of M.
-  for (int64_t j = n - 1; j >= 0 && last < 0; --j)
-    if (w[j] >= theta) last = j;
-  return last >= 0 ? last : n - 1;
+  for (int64_t j = n - 1; j >= 0; --j)
+    if (w[j] >= theta) return j;
+  return n - 1;
 }
 
 // Same draw over a candidate list (ids increasing, vals = w[ids]) that holds M.
@@ -428,6 +462,7 @@ struct Scratch {
   std::vector<int32_t> counts;                 // [V], all zero between rows
   std::vector<uint8_t> seen;                   // [V], all zero between rows
   std::vector<float> buf;                      // selection buffer
+  std::vector<float> packed;                   // [V + 8] filtered weights
   std::vector<std::pair<float, int64_t>> top;  // top-N candidates (x, id)
   std::vector<int32_t> ids;                    // kept candidates, id order
   std::vector<float> vals;                     // their weights
@@ -437,6 +472,7 @@ struct Scratch {
       x.resize(V);
       counts.assign(V, 0);
       seen.assign(V, 0);
+      packed.resize(V + 8);
     }
   }
 };
@@ -593,7 +629,7 @@ void sample_row(const Elem* row, int64_t b, const Inputs& in, Scratch& s) {
       if (mp > 0.f) theta = std::max(theta, mp);
       token = draw_list(s.ids, s.vals, theta, u);
     } else {
-      if (p < 1.f) theta = top_p_threshold_row(w, V, p, s.buf, s.hist);
+      if (p < 1.f) theta = top_p_threshold_row(w, V, p, s.packed.data(), s.buf, s.hist);
       if (mp > 0.f) theta = std::max(theta, mp);
       token = draw_full(w, V, theta, u);
     }
