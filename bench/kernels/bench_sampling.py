@@ -10,7 +10,7 @@ returns it too). Both run in the same process on the same logits. Prints
 median microseconds per call, effective GB/s (logits bytes / time) and the
 ratio, as a table and one JSON line.
 
-    python bench/kernels/bench_sampling.py [--device cuda] [--dtype bfloat16]
+    python bench/kernels/bench_sampling.py [--device cuda] [--dtype bfloat16] [--threads N]
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     dev, dtype, B, V = a.device, getattr(torch, a.dtype), a.batch, a.vocab
     gen = torch.Generator().manual_seed(0)

@@ -12,9 +12,9 @@
 // P = {i in K : w >= t_p}, M = {i in P : w >= mp}, so M = {w >= theta} with
 // theta = max(t_k, t_p, mp). t_k comes from a one-pass running-threshold
 // selection; t_p from sorting K's values when K is small, otherwise from a
-// mass histogram over w's float bits (radix select) plus a sort of the one
-// bucket where the cumulative mass crosses p * Z_K. The draw then walks M in
-// id order. Masses are summed in double so the summation order (which the
+// mass histogram over w's float bits (radix select, usually over just the
+// w >= 2^-12, packed branch-free) plus a sort of the one bucket where the
+// cumulative mass crosses p * Z_K. The draw then walks M in id order. Masses are summed in double so the summation order (which the
 // CUDA kernel cannot share) changes a decision only if u lands within ~1e-16
 // of a boundary.
 #include "dispatch.h"
