@@ -8,7 +8,8 @@ top-k mask and a cumsum top-p mask on the sorted probabilities, scatter back,
 softmax, torch.multinomial, plus the sampled token's raw log-softmax (pyserve
 returns it too). Both run in the same process on the same logits. Prints
 median microseconds per call, effective GB/s (logits bytes / time) and the
-ratio, as a table and one JSON line.
+ratio, as a table and one JSON line; also the minimum per call, which
+shared machines distort less.
 
     python bench/kernels/bench_sampling.py [--device cuda] [--dtype bfloat16] [--threads N]
 """
@@ -27,8 +28,8 @@ import pyserve
 from pyserve import _ops
 
 
-def timed(fn, iters: int, warmup: int, device: str) -> float:
-    """Median seconds per call."""
+def timed(fn, iters: int, warmup: int, device: str) -> tuple[float, float]:
+    """(median, min) seconds per call; the min is the robust number on a shared machine."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -40,7 +41,7 @@ def timed(fn, iters: int, warmup: int, device: str) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
 def torch_sampler(logits, temperature, top_k, top_p, generator):
@@ -105,19 +106,22 @@ def main() -> None:
         def baseline():
             return torch_sampler(logits, temp, kk.long() if k > 0 else None, pp if top_p < 1 else None, torch_gen)
 
-        t_ours = timed(ours, a.iters, a.warmup, dev)
-        t_torch = timed(baseline, a.iters, a.warmup, dev)
+        t_ours, min_ours = timed(ours, a.iters, a.warmup, dev)
+        t_torch, min_torch = timed(baseline, a.iters, a.warmup, dev)
         rows.append({"case": name, "pyserve_us": t_ours * 1e6, "torch_us": t_torch * 1e6,
                      "ratio": t_torch / t_ours, "pyserve_gbps": logits_bytes / t_ours / 1e9,
-                     "torch_gbps": logits_bytes / t_torch / 1e9})
+                     "torch_gbps": logits_bytes / t_torch / 1e9, "pyserve_min_us": min_ours * 1e6,
+                     "torch_min_us": min_torch * 1e6, "ratio_of_mins": min_torch / min_ours})
 
     info = pyserve.build_info() if hasattr(pyserve, "build_info") else {}
     print(f"sampling: batch {B} x vocab {V}, {a.dtype} logits on {dev} "
           f"({torch.get_num_threads()} threads, {info.get('cpu_isa', '?')})")
-    print(f"{'case':30s} {'pyserve us':>11s} {'torch us':>10s} {'ratio':>7s} {'pyserve GB/s':>13s} {'torch GB/s':>11s}")
+    print(f"{'case (median; min)':30s} {'pyserve us':>11s} {'torch us':>10s} {'ratio':>7s} {'pyserve GB/s':>13s} "
+          f"{'torch GB/s':>11s} {'min: pyserve':>13s} {'torch':>9s} {'ratio':>7s}")
     for r in rows:
         print(f"{r['case']:30s} {r['pyserve_us']:11.1f} {r['torch_us']:10.1f} {r['ratio']:6.2f}x "
-              f"{r['pyserve_gbps']:13.2f} {r['torch_gbps']:11.2f}")
+              f"{r['pyserve_gbps']:13.2f} {r['torch_gbps']:11.2f} {r['pyserve_min_us']:13.1f} "
+              f"{r['torch_min_us']:9.1f} {r['ratio_of_mins']:6.2f}x")
     print(json.dumps({"bench": "sample", "device": dev, "dtype": a.dtype, "batch": B, "vocab": V,
                       "machine": platform.machine(), "threads": torch.get_num_threads(), "rows": rows}))
 
