@@ -1,0 +1,1 @@
+"""Loading models from GGUF files: reader, dequantizer, tokenizer."""
