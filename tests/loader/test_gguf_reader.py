@@ -34,6 +34,7 @@ def test_block_layouts_match_gguf_py():
         assert BLOCK_LAYOUT[int(qtype)] == (block, size), qtype.name
 
 
+@pytest.mark.slow
 def test_real_file_matches_gguf_py(smollm_path, gguf_py_reader):
     r = gguf_py_reader
     with read_gguf(smollm_path) as f:
