@@ -167,8 +167,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, name: str = "<tensor>") -> np.nd
         raise GGUFError(f"tensor {name!r}: cannot dequantize ggml type {type_name(ggml_type)} (supported: {supported})")
     block, block_bytes = BLOCK_LAYOUT[ggml_type]
     raw = np.ascontiguousarray(raw).view(np.uint8)
-    if raw.shape[-1] % block_bytes if raw.ndim else raw.size % block_bytes:
-        raise GGUFError(f"tensor {name!r}: {raw.shape[-1]} bytes per row is not whole {type_name(ggml_type)} blocks")
+    if raw.ndim == 0 or raw.shape[-1] % block_bytes:
+        raise GGUFError(f"tensor {name!r}: raw bytes of shape {raw.shape} are not whole {type_name(ggml_type)} blocks per row")
     out = kernel(raw.reshape(-1, block_bytes))
-    shape = raw.shape[:-1] + (raw.shape[-1] // block_bytes * block,) if raw.ndim else (raw.size // block_bytes * block,)
-    return out.reshape(shape)
+    return out.reshape(*raw.shape[:-1], raw.shape[-1] // block_bytes * block)

@@ -271,6 +271,8 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes, zero-copy and read-only: shape (rows..., bytes per row), uint8."""
         info = self.tensors[name]
+        if self._mmap is None:
+            raise GGUFError(f"{self.path}: file is closed")
         arr = np.frombuffer(self._mmap, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
         if not info.shape:
             return arr

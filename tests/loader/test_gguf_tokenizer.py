@@ -7,7 +7,8 @@ import os
 import pytest
 
 from pyserve.loader.gguf_reader import read_gguf
-from pyserve.loader.gguf_tokenizer import build_tokenizer, cache_path, load_tokenizer
+from pyserve.loader.gguf_tokenizer import cache_path, load_tokenizer
+from pyserve.loader.gguf_tokenizer_build import build_tokenizer
 from pyserve.loader.gguf_types import GGUFError
 
 TEXTS = [
@@ -120,6 +121,58 @@ def test_cache_follows_xdg_cache_home(smollm_path, tmp_path, monkeypatch):
 def test_other_tokenizer_models_rejected(smollm_path):
     with read_gguf(smollm_path) as f:
         meta = dict(f.metadata)
-    meta["tokenizer.ggml.model"] = "llama"
-    with pytest.raises(GGUFError, match="'llama' is not supported yet"):
+    meta["tokenizer.ggml.model"] = "bert"
+    with pytest.raises(GGUFError, match="x.gguf: tokenizer.ggml.model 'bert' is not supported yet"):
         build_tokenizer(meta, "x.gguf")
+
+
+# A small SentencePiece-style ("llama") vocabulary: specials, the 256 byte tokens, then pieces
+# with descending scores, so merges have to be derived from the scores.
+_PIECES = (
+    "▁ e t a o h l n s i r d w c u ! ? , . 1 2 3 H W T é 世 界 ▁t he ▁the ▁a in er ▁w or ll ▁h el lo "
+    "ell ello ▁H ▁He ▁Hello ▁wor ld ▁world ▁World ▁W ▁Wor an ▁an nd ▁and 12 ▁1 ▁▁ ▁▁▁▁ <tool>"
+).split(" ")
+LLAMA_TEXTS = ["Hello world", " Hello  world", "Hello\nWorld 123 é世界!", "", "the and an", "<s>x</s>", "unknown ü ☃", "  ", "x<tool> y<tool>"]
+
+
+def _write_llama_vocab(path, add_space_prefix: bool | None = None) -> None:
+    gguf = pytest.importorskip("gguf")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + _PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(_PIECES) - 1) + [4]
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for add in (w.add_block_count, w.add_context_length, w.add_embedding_length, w.add_feed_forward_length, w.add_head_count):
+        add(8)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(_PIECES))])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    if add_space_prefix is not None:
+        w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+def test_llama_vocab_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    _write_llama_vocab(tmp_path / "tiny.gguf")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    ours = load_tokenizer(tmp_path / "tiny.gguf", use_cache=False)
+    assert ours.add_bos_token and not ours.add_eos_token
+    for text in LLAMA_TEXTS:
+        ids = ours.encode(text)
+        assert ids == ref.encode(text), text
+        assert ours.decode(ids) == ref.decode(ids), text
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), text
+
+
+def test_llama_vocab_without_space_prefix(tmp_path):
+    _write_llama_vocab(tmp_path / "tiny.gguf", add_space_prefix=False)
+    ours = load_tokenizer(tmp_path / "tiny.gguf", use_cache=False)
+    assert ours.tokenizer.encode("Hello", add_special_tokens=False).tokens == ["H", "ello"]
+    assert ours.decode(ours.encode(" Hello world", add_special_tokens=False)) == " Hello world"
