@@ -25,8 +25,9 @@ namespace {
 
 // Rows (query token x query head) handled by one work item.
 constexpr int64_t kTileRows = 64;
-// How many blocks ahead to prefetch (measured: 1 block is too short a lead).
-constexpr int64_t kPrefetchBlocks = 1;
+// Keys per online-softmax update (rounded down to whole blocks): amortizes
+// the rescale of the accumulators and the scalar exp over more keys.
+constexpr int64_t kChunkKeys = 64;
 
 struct WorkItem {
   int64_t seq;
@@ -48,8 +49,8 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
   const int64_t heads = (kv_end - kv_begin) * g.group;  // query heads of this unit
   const int64_t head0 = kv_begin * g.group;
   const int64_t rows = item.num_tokens * heads;  // row r = t * heads + (h - head0)
-  // scratch: q [rows, D] | acc [rows, D] | m [rows] | l [rows] | scores [block_size]
-  scratch.resize(2 * rows * D + 2 * rows + g.block_size);
+  // scratch: q [rows, D] | acc [rows, D] | m [rows] | l [rows] | scores [keys per chunk]
+  scratch.resize(2 * rows * D + 2 * rows + std::max(kChunkKeys, g.block_size));
   float* q = scratch.data();
   float* acc = q + rows * D;
   float* m = acc + rows * D;
@@ -67,40 +68,61 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
   // The tile's last token sees the most keys; each row stops at its own position.
   const int64_t kv_len = first_pos + item.num_tokens;
   const int64_t token_stride = g.num_kv_heads * D;  // between consecutive slots of a block
-  for (int64_t b = 0; b * g.block_size < kv_len; ++b) {
-    const int64_t block = block_table[b];
-    TORCH_CHECK(block >= 0 && block < g.num_blocks, "block_tables[", item.seq, "][", b, "] = ", block,
-                " is not a block id in [0, ", g.num_blocks, ")");
-    // Blocks are scattered in memory, which defeats the hardware prefetcher at
-    // every block boundary: ask for the next block while this one is computed.
-    if ((b + kPrefetchBlocks) * g.block_size < kv_len) {
-      const int64_t ahead = block_table[b + kPrefetchBlocks];
-      if (ahead >= 0 && ahead < g.num_blocks) {
-        prefetch_bytes(key_cache + ahead * g.block_size * token_stride, g.block_size * token_stride * sizeof(T));
-        prefetch_bytes(value_cache + ahead * g.block_size * token_stride, g.block_size * token_stride * sizeof(T));
-      }
+  const int64_t num_kv_blocks = (kv_len + g.block_size - 1) / g.block_size;
+  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkKeys / g.block_size);
+  // The unit's span of one block, from its first KV head's first slot to its
+  // last KV head's last slot: what the prefetcher must bring in per block.
+  const int64_t span_bytes = ((g.block_size - 1) * token_stride + (kv_end - kv_begin) * D) * sizeof(T);
+  const int64_t row_steps = (kv_end - kv_begin) * item.num_tokens * g.group;
+  auto block_ptr = [&](const T* cache, int64_t b, int64_t kvh) {
+    return cache + block_table[b] * g.block_size * token_stride + kvh * D;
+  };
+
+  for (int64_t b0 = 0; b0 < num_kv_blocks; b0 += chunk_blocks) {
+    const int64_t b1 = std::min(num_kv_blocks, b0 + chunk_blocks);
+    const int64_t p1 = std::min(num_kv_blocks, b1 + chunk_blocks);
+    for (int64_t b = b0; b < p1; ++b) {
+      TORCH_CHECK(block_table[b] >= 0 && block_table[b] < g.num_blocks, "block_tables[", item.seq, "][", b,
+                  "] = ", block_table[b], " is not a block id in [0, ", g.num_blocks, ")");
     }
-    // Walking the KV heads inside the block keeps the reads of one block contiguous.
+    // Blocks are scattered in memory, which defeats the hardware prefetcher
+    // at every block boundary, so we prefetch the next chunk's blocks
+    // ourselves, spread over this chunk's rows: issued in one burst they fill
+    // the miss buffers and stall the core instead of overlapping compute.
+    const int64_t prefetch_total = (p1 - b1) * span_bytes;
+    const int64_t prefetch_step = ((prefetch_total / row_steps) / 64 + 1) * 64;
+    int64_t prefetched = 0;
+    auto prefetch_some = [&] {
+      const int64_t end = std::min(prefetch_total, prefetched + prefetch_step);
+      while (prefetched < end) {
+        const int64_t b = b1 + prefetched / span_bytes, off = prefetched % span_bytes;
+        const int64_t n = std::min(end - prefetched, span_bytes - off);
+        prefetch_bytes(reinterpret_cast<const char*>(block_ptr(key_cache, b, kv_begin)) + off, n);
+        prefetch_bytes(reinterpret_cast<const char*>(block_ptr(value_cache, b, kv_begin)) + off, n);
+        prefetched += n;
+      }
+    };
+
     for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
-      const T* k_block = key_cache + block * g.block_size * token_stride + kvh * D;
-      const T* v_block = value_cache + block * g.block_size * token_stride + kvh * D;
       for (int64_t t = 0; t < item.num_tokens; ++t) {
         // Causal: the row at position p sees keys 0..p.
-        const int64_t visible = std::min(g.block_size, first_pos + t + 1 - b * g.block_size);
+        const int64_t visible = std::min((b1 - b0) * g.block_size, first_pos + t + 1 - b0 * g.block_size);
         if (visible <= 0) continue;
         for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
           const int64_t r = t * heads + (h - head0);
-          dot_rows(q + r * D, k_block, token_stride, visible, D, scores);
-          float block_max = -std::numeric_limits<float>::infinity();
-          for (int64_t i = 0; i < visible; ++i) block_max = std::max(block_max, scores[i]);
-          const float new_max = std::max(m[r], block_max);
-          const float alpha = std::exp(m[r] - new_max);  // 0 on the first block (m = -inf)
-          for (int64_t i = 0; i < visible; ++i) scores[i] -= new_max;
-          exp_inplace(scores, visible);
-          float block_sum = 0.f;
-          for (int64_t i = 0; i < visible; ++i) block_sum += scores[i];
-          rescale_accumulate(acc + r * D, alpha, scores, v_block, token_stride, visible, D);
-          l[r] = l[r] * alpha + block_sum;
+          prefetch_some();
+          for (int64_t b = b0, seen = 0; seen < visible; ++b, seen += g.block_size) {
+            dot_rows(q + r * D, block_ptr(key_cache, b, kvh), token_stride, std::min(g.block_size, visible - seen),
+                     D, scores + seen);
+          }
+          const float new_max = std::max(m[r], max_of(scores, visible));
+          const float alpha = std::exp(m[r] - new_max);  // 0 on the first chunk (m = -inf)
+          const float chunk_sum = exp_shifted_sum(scores, visible, new_max);
+          for (int64_t b = b0, seen = 0; seen < visible; ++b, seen += g.block_size) {
+            rescale_accumulate(acc + r * D, seen == 0 ? alpha : 1.f, scores + seen, block_ptr(value_cache, b, kvh),
+                               token_stride, std::min(g.block_size, visible - seen), D);
+          }
+          l[r] = l[r] * alpha + chunk_sum;
           m[r] = new_max;
         }
       }
