@@ -24,13 +24,30 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return names[dtype]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
                max_positions: int | None = None) -> LlamaModel:
-    """An HF folder (config.json + safetensors)."""
-    from pyserve.loader.hf import load_hf_config, load_hf_weights
+    """An HF folder (config.json + safetensors) or a `.gguf` file; None is the
+    embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+    from pyserve.loader.hf import ModelLoadError, load_hf_config, load_hf_weights
 
     device = torch.device(device)
-    folder = Path(path)
-    cfg = load_hf_config(folder)
-    weights = load_hf_weights(folder)
+    if path is None:
+        from pyserve.loader import default_gguf_path
+
+        path = default_gguf_path()
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from pyserve.loader import load_tensors, read_gguf
+        from pyserve.loader.gguf_model import gguf_model_config, gguf_to_hf_weights
+
+        with read_gguf(path) as gguf:
+            cfg = gguf_model_config(gguf)
+            weights = gguf_to_hf_weights(load_tensors(gguf), cfg, str(path))
+    elif path.is_dir():
+        cfg = load_hf_config(path)
+        weights = load_hf_weights(path)
+    elif not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    else:
+        raise ModelLoadError(f"{path}: not a model (want an HF folder or a .gguf file)")
     return LlamaModel(cfg, weights, device, resolve_dtype(dtype, device), max_positions)
