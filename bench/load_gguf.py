@@ -4,8 +4,8 @@ Each sample is a fresh Python process (subprocess), timed from the parent, so in
 imports and page faults all count, exactly as at server startup:
 
   baseline: import torch
-  load:     import torch + read the default GGUF + dequantize every tensor to float32 torch
-            tensors + load the (cached) tokenizer
+  load:     import torch + pyserve (its kernels) + load the default model with
+            pyserve.models.load_model (read, dequantize, fuse into the fp32 model) + the (cached) tokenizer
 
 One untimed run first fills the tokenizer cache and the OS page cache. Prints the median of 5 of
 each, their difference, and one JSON line.
@@ -29,18 +29,17 @@ LOAD = """
 import sys, time
 import torch
 t0 = time.perf_counter()
-from pyserve.loader.gguf_reader import read_gguf
-from pyserve.loader.gguf_tokenizer import load_tokenizer
-from pyserve.loader.gguf_weights import default_gguf_path, load_tensors
+import pyserve
+from pyserve.loader import default_gguf_path, load_tokenizer
+from pyserve.models import load_model
 t1 = time.perf_counter()
-with read_gguf(sys.argv[1] or default_gguf_path()) as f:
-    t2 = time.perf_counter()
-    tensors = load_tensors(f)
-    t3 = time.perf_counter()
-    tok = load_tokenizer(f)
-    t4 = time.perf_counter()
-assert tensors["token_embd.weight"].dtype == torch.float32 and tok.encode("Hello") == [19556]
-print(f"imports {t1 - t0:.3f}  read {t2 - t1:.3f}  dequantize {t3 - t2:.3f}  tokenizer {t4 - t3:.3f}")
+path = sys.argv[1] or default_gguf_path()
+model = load_model(path, dtype="float32")
+t2 = time.perf_counter()
+tok = load_tokenizer(path)
+t3 = time.perf_counter()
+assert model.embed.dtype == torch.float32 and tok.encode("Hello") == [19556]
+print(f"imports {t1 - t0:.3f}  model (read + dequantize + build) {t2 - t1:.3f}  tokenizer {t3 - t2:.3f}")
 """
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from pyserve.loader.gguf_dequant import dequantize
+from pyserve.loader.progress import LoadProgress
 from pyserve.loader.gguf_reader import GGUFFile, read_gguf
 from pyserve.loader.gguf_types import GGUFError
 
@@ -36,9 +37,12 @@ def load_tensors(gguf: GGUFFile | str | os.PathLike[str]) -> dict[str, torch.Ten
     f = gguf if isinstance(gguf, GGUFFile) else read_gguf(gguf)
     try:
         out = {}
+        progress = LoadProgress(f"loading {os.path.basename(f.path)}", len(f.tensors))
         for name, info in f.tensors.items():
             arr = dequantize(f.raw(name), info.ggml_type, name)
             out[name] = torch.from_numpy(np.ascontiguousarray(arr)).reshape(info.shape)
+            progress.update()
+        progress.close()
         return out
     finally:
         if f is not gguf:

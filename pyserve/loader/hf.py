@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from pyserve.config import ModelConfig
+from pyserve.loader.progress import LoadProgress
 
 
 class ModelLoadError(ValueError):
@@ -58,11 +59,15 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     weights: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(folder):
+    files = safetensors_files(folder)
+    progress = LoadProgress(f"loading {folder.name}", len(files))
+    for path in files:
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
                     weights[name] = f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+        progress.update()
+    progress.close()
     return weights

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pyserve import _ops
 from pyserve.config import ModelConfig
+from pyserve.loader.hf import ModelLoadError
 from pyserve.models.rotary import RotaryEmbedding
 
 
@@ -28,8 +29,8 @@ class AttentionMetadata:
     max_seq_len: int
 
 
-class MissingWeightError(ValueError):
-    pass
+class MissingWeightError(ModelLoadError):
+    """A weight the architecture needs is absent or has the wrong shape."""
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,11 +41,30 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 class LlamaLayer:
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        shapes = {
+            "input_layernorm.weight": (cfg.hidden_size,),
+            "post_attention_layernorm.weight": (cfg.hidden_size,),
+            "self_attn.q_proj.weight": (q_size, cfg.hidden_size),
+            "self_attn.k_proj.weight": (kv_size, cfg.hidden_size),
+            "self_attn.v_proj.weight": (kv_size, cfg.hidden_size),
+            "self_attn.q_proj.bias": (q_size,),
+            "self_attn.k_proj.bias": (kv_size,),
+            "self_attn.v_proj.bias": (kv_size,),
+            "self_attn.o_proj.weight": (cfg.hidden_size, q_size),
+            "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+            "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+            "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size),
+        }
+
         def take(name: str) -> torch.Tensor:
             key = prefix + name
             if key not in w:
                 raise MissingWeightError(f"weight {key!r} is missing")
-            return w.pop(key)
+            t = w.pop(key)
+            if tuple(t.shape) != shapes[name]:
+                raise MissingWeightError(f"weight {key!r} has shape {tuple(t.shape)}, the config implies {shapes[name]}")
+            return t
 
         self.cfg = cfg
         self.input_norm = take("input_layernorm.weight")
@@ -109,6 +129,9 @@ class LlamaModel:
         lm_head = w.pop("lm_head.weight", None)
         if lm_head is None or cfg.tie_word_embeddings:
             lm_head = self.embed
+        elif tuple(lm_head.shape) != tuple(self.embed.shape):
+            raise MissingWeightError(f"lm_head.weight has shape {tuple(lm_head.shape)}, the config implies "
+                                     f"{tuple(self.embed.shape)}")
         self.lm_head = lm_head
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope,
                                       device, dtype)
