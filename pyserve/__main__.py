@@ -10,7 +10,7 @@ def main() -> int:
     ext = info["extension"]
     cuda = f"CUDA {ext['cuda_version']} ({', '.join(ext['cuda_archs'])})" if ext["cuda"] else "no CUDA kernels"
     print(f"pyserve {info['pyserve']}: kernel library built for {ext['cpu_isa']} with {cuda}; torch {info['torch']}")
-    print("pyserve: the model runtime and HTTP server are not built yet; nothing to serve.", file=sys.stderr)
+    print("pyserve: the engine and the HTTP server are not built yet (issues 4 and 5); nothing to serve.", file=sys.stderr)
     return 1
 
 
