@@ -94,3 +94,35 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             sliding_window=int(sliding) if sliding else None,
         )
+
+
+@dataclass
+class EngineConfig:
+    """Cache and scheduling limits (the server's CLI flags map onto these)."""
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: float = 2.0  # GiB of KV cache on the CPU
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU for weights + activations + KV cache
+    num_gpu_blocks_override: int | None = None  # tests: an exact block count on any device
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size not in (8, 16, 32):
+            raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

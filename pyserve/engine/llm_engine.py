@@ -1,0 +1,248 @@
+"""The synchronous engine: requests in, one scheduled step at a time, outputs
+out. The offline `LLM` and the server's async bridge both drive it."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyserve.config import EngineConfig
+from pyserve.engine.block_manager import BlockManager
+from pyserve.engine.detokenizer import IncrementalDetokenizer
+from pyserve.engine.model_runner import ModelRunner, SampledToken
+from pyserve.engine.scheduler import Scheduler
+from pyserve.engine.sequence import Sequence
+from pyserve.models import LlamaModel, load_model
+from pyserve.outputs import CompletionOutput, RequestOutput
+from pyserve.sampling_params import SamplingParams
+
+log = logging.getLogger("pyserve.engine")
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    sent_text: list[int] = field(default_factory=list)  # chars of text already reported per sample
+    sent_tokens: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks held by live sequences
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens: int  # computed (not served from the cache)
+    generation_tokens: int
+
+
+def load_tokenizer_for(path: str | Path | None, eos_token_ids: tuple[int, ...]):
+    from pyserve.loader import default_gguf_path, load_tokenizer
+    from pyserve.loader.hf_tokenizer import load_hf_tokenizer
+
+    path = Path(path or default_gguf_path())
+    if path.is_dir():
+        return load_hf_tokenizer(path, eos_token_ids)
+    return load_tokenizer(str(path))
+
+
+def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
+    cfg = model.cfg
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * model.embed.element_size()
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.model = load_model(model, device=config.device, dtype=config.dtype)
+        cfg = self.model.cfg
+        self.tokenizer = load_tokenizer_for(model, cfg.eos_token_ids)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.eos_token_ids)
+        capacity = self.num_blocks * config.block_size
+        log.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens: %.1f",
+                 self.num_blocks, config.block_size, capacity, self.max_model_len, capacity / self.max_model_len)
+        self.requests: dict[str, _Request] = {}
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self._arrivals = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    def _num_blocks(self) -> int:
+        c = self.config
+        if c.num_gpu_blocks_override is not None:
+            return c.num_gpu_blocks_override
+        per_block = kv_block_bytes(self.model, c.block_size)
+        if self.model.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.model.device)
+            budget = total * c.gpu_memory_utilization - (total - free) - self._profile_activation_bytes()
+        else:
+            budget = c.kv_cache_memory * (1 << 30)
+        blocks = int(budget // per_block)
+        if blocks < 1:
+            raise ValueError("not enough memory for a single KV cache block; raise --kv-cache-memory or "
+                             "--gpu-memory-utilization")
+        return blocks
+
+    def _profile_activation_bytes(self) -> int:
+        """Peak extra GPU memory of one forward at the largest batch."""
+        from pyserve.engine.profile import profile_forward_peak
+
+        return profile_forward_peak(self.model, self.config.max_num_batched_tokens, self.config.block_size)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        vocab = self.model.cfg.vocab_size
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        params.validate_for_vocab(vocab)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
+        if len(ids) + max(max_tokens, 1) > self.max_model_len:
+            raise ValueError(
+                f"context_length_exceeded: the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, "
+                f"{len(ids) + max_tokens} in all, but the maximum context length is {self.max_model_len}")
+        if self.block_manager.blocks_needed(len(ids) + max_tokens) > self.num_blocks:
+            raise ValueError(f"the request needs {len(ids) + max_tokens} tokens of KV cache but the whole cache "
+                             f"holds {self.num_blocks * self.config.block_size}")
+        self._arrivals += 1
+        seqs, detoks = [], []
+        for i in range(params.n):
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            if params.seed is not None and i > 0:
+                seed = hash((params.seed, i)) & ((1 << 63) - 1)
+            seq = Sequence(self._next_seq_id, request_id, i, ids, params, seed, self._arrivals)
+            self._next_seq_id += 1
+            if i > 0:
+                seq.fork_from = seqs[0]
+            seqs.append(seq)
+            detoks.append(IncrementalDetokenizer(self.tokenizer.tokenizer, ids, params.skip_special_tokens,
+                                                 params.stop or [], params.include_stop_str_in_output))
+            self.scheduler.add(seq)
+        self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks,
+                                             [0] * params.n, [0] * params.n)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            prompt_part = max(0, min(seq.num_computed + n, len(seq.prompt_ids)) - seq.num_computed)
+            self.prompt_tokens += prompt_part
+        sampled = self.runner.execute(batch)
+        touched: dict[str, _Request] = {}
+        for seq in batch.seqs:
+            self.block_manager.cache_full_blocks(seq)
+        for s in sampled:
+            self._append(s)
+            touched[s.seq.request_id] = self.requests[s.seq.request_id]
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+        return outputs
+
+    def _append(self, s: SampledToken) -> None:
+        seq = s.seq
+        req = self.requests[seq.request_id]
+        p = seq.params
+        seq.output_ids.append(s.token_id)
+        seq.sampled_logprobs.append(s.logprob)
+        if s.top_logprobs is not None:
+            seq.logprobs.append(s.top_logprobs)
+        self.generation_tokens += 1
+        if seq.index == 0 and len(seq.output_ids) == 1:
+            req.num_cached_tokens = seq.prefix_hit_tokens
+        detok = req.detoks[seq.index]
+        detok.push(s.token_id)
+        n_out = len(seq.output_ids)
+        reason, stop_reason = None, None
+        # (min_tokens already kept EOS and stop tokens from being sampled.)
+        if not p.ignore_eos and s.token_id in self.eos_token_ids:
+            reason = "stop"
+        elif p.stop_token_ids and s.token_id in p.stop_token_ids:
+            reason, stop_reason = "stop", s.token_id
+        elif detok.stop_matched is not None:
+            reason, stop_reason = "stop", detok.stop_matched
+        elif p.max_tokens is not None and n_out >= p.max_tokens:
+            reason = "length"
+        elif seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            if detok.stop_matched is None:
+                detok.finish()
+            seq.finish_reason, seq.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq)
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for i, seq in enumerate(req.seqs):
+            detok = req.detoks[i]
+            text = detok.text
+            delta_text = text[req.sent_text[i]:]
+            delta_ids = seq.output_ids[req.sent_tokens[i]:]
+            req.sent_text[i], req.sent_tokens[i] = len(text), len(seq.output_ids)
+            outs.append(CompletionOutput(
+                index=i, text=text, token_ids=list(seq.output_ids), finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason, logprobs=list(seq.sampled_logprobs),
+                top_logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
+                delta_text=delta_text, delta_token_ids=delta_ids))
+        finished = all(s.finished for s in req.seqs)
+        if finished:
+            del self.requests[req.request_id]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.num_cached_tokens)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.block_manager.usage(),
+            prefix_cache_queries=self.block_manager.prefix_queries,
+            prefix_cache_hits=self.block_manager.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+        )
