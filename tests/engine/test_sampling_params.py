@@ -25,7 +25,8 @@ def test_normalisation():
     assert SamplingParams(top_k=-1).top_k == 0
     assert SamplingParams(stop="###").stop == ["###"]
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
-    assert SamplingParams(temperature=1).temperature == 1.0 and isinstance(SamplingParams(temperature=1).temperature, float)
+    t = SamplingParams(temperature=1).temperature
+    assert t == 1.0 and isinstance(t, float)
     assert SamplingParams(max_tokens=None).max_tokens is None
     assert SamplingParams(max_tokens=None, min_tokens=1000).min_tokens == 1000
     assert SamplingParams(logprobs=0).logprobs == 0 and SamplingParams(logprobs=20).logprobs == 20
