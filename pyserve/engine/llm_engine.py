@@ -112,10 +112,11 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def prepare_request(self, prompt: str | list[int], params: SamplingParams | None = None
+                        ) -> tuple[str | None, list[int], SamplingParams]:
+        """Tokenize and validate without touching the engine's mutable state
+        (safe from any thread). Raises ValueError naming what is wrong."""
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -123,7 +124,7 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if not ids:
             raise ValueError("prompt must not be empty")
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         params.validate_for_vocab(vocab)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
@@ -134,6 +135,13 @@ class LLMEngine:
         if self.block_manager.blocks_needed(len(ids) + max_tokens) > self.num_blocks:
             raise ValueError(f"the request needs {len(ids) + max_tokens} tokens of KV cache but the whole cache "
                              f"holds {self.num_blocks * self.config.block_size}")
+        return text, ids, params
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    prepared: tuple[str | None, list[int], SamplingParams] | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids, params = prepared or self.prepare_request(prompt, params)
         self._arrivals += 1
         seqs, detoks = [], []
         for i in range(params.n):

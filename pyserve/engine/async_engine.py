@@ -1,0 +1,136 @@
+"""The engine behind an asyncio server: the model steps in a worker thread,
+so the event loop keeps serving HTTP while batches run.
+
+Requests and aborts reach the thread through a thread-safe inbox; outputs
+come back to each request's asyncio queue with call_soon_threadsafe. The
+event loop never waits on a step. If a step raises, the engine is marked dead,
+every open stream gets the error, and `/health` can say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from pyserve.engine.llm_engine import EngineStats, LLMEngine
+from pyserve.outputs import RequestOutput
+from pyserve.sampling_params import SamplingParams
+
+log = logging.getLogger("pyserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams_lock = threading.Lock()
+        self._stats = engine.stats()
+        self.dead: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="pyserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called on the event loop --------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate now (ValueError for a bad request), then stream outputs.
+        Leaving the iterator early (client gone, task cancelled) aborts the request."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine has died: {self.dead!r}")
+        prepared = self.engine.prepare_request(prompt, params)
+        q: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", request_id, prepared))
+        if self.dead is not None:  # died between the check above and now: don't leave the caller waiting
+            self._deliver(request_id, EngineDeadError(f"the engine has died: {self.dead!r}"))
+        return self._stream(request_id, q)
+
+    async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+
+    def stats(self) -> EngineStats:
+        """As of the last step (the thread publishes a snapshot)."""
+        return self._stats
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._inbox.put(("wake", None, None))
+        self._thread.join(timeout=30)
+
+    # ---- the worker thread ------------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._streams_lock:
+            entry = self._streams.get(request_id)
+            if entry is not None and (isinstance(item, BaseException) or item.finished):
+                del self._streams[request_id]
+        if entry is not None:
+            loop, q = entry
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, rid, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                try:
+                    self.engine.add_request(rid, None, prepared=payload)
+                except ValueError as e:
+                    self._deliver(rid, e)
+            elif kind == "abort":
+                out = self.engine.abort(rid)
+                if out is not None:
+                    self._deliver(rid, out)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self._drain_inbox(block=not self.engine.has_unfinished())
+                if not self.engine.has_unfinished():
+                    self._stats = self.engine.stats()
+                    continue
+                outputs = self.engine.step()
+                self._stats = self.engine.stats()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+            except BaseException as e:  # noqa: BLE001 - anything here kills the engine, visibly
+                log.exception("engine step failed; the engine is now dead")
+                self.dead = e
+                with self._streams_lock:
+                    rids = list(self._streams)
+                for rid in rids:
+                    self._deliver(rid, EngineDeadError(f"the engine has died: {e!r}"))
+                return
