@@ -5,6 +5,10 @@ import torch  # noqa: F401  (loads libtorch before our extension links against i
 from pyserve import _C  # noqa: F401  (registers torch.ops.pyserve.*)
 from pyserve import _ops  # noqa: F401  (fake kernels for torch.compile / opcheck)
 
+from pyserve.llm import LLM  # noqa: E402
+from pyserve.sampling_params import SamplingParams  # noqa: E402
+
+__all__ = ["LLM", "SamplingParams", "build_info"]
 __version__ = "0.1.0"
 
 
