@@ -156,3 +156,20 @@ def test_invalid_requests(llm):
     with pytest.raises(ValueError, match="context_length_exceeded"):
         llm.generate("x", SamplingParams(max_tokens=10**6))
     assert_no_leak(llm)
+
+
+def test_n_samples_share_the_prompt_blocks():
+    llm = make_llm(enable_prefix_caching=False)  # so any sharing comes from the fork
+    engine = llm.engine
+    engine.add_request("n3", "word " * 100, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=4,
+                                                           ignore_eos=True))
+    shared = 0
+    while engine.has_unfinished():
+        engine.step()
+        seqs = engine.requests["n3"].seqs if "n3" in engine.requests else []
+        if len(seqs) == 3 and all(s.block_ids for s in seqs):
+            first = seqs[0].block_ids[0]
+            if all(s.block_ids[0] == first for s in seqs):
+                shared = max(shared, engine.block_manager.allocator.ref_count(first))
+    assert shared == 3
+    assert_no_leak(llm)
