@@ -50,6 +50,8 @@ test: setup
 bench: setup
 	$(PY) bench/kernels/bench_attention.py
 	$(PY) bench/kernels/bench_sampling.py
+	$(PY) bench/load_gguf.py
+	$(PY) bench/offline_throughput.py
 
 clean:
 	rm -rf build pyserve/_C*.so *.egg-info

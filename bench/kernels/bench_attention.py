@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
-import statistics
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -26,24 +26,8 @@ import torch.nn.functional as F
 import pyserve
 from pyserve import _ops
 
-
-def timed_side_by_side(fns: dict, iters: int, warmup: int, device: str) -> dict:
-    """Median seconds per call of each function. Calls are interleaved
-    (A B C A B C ...) so that a noisy neighbour slows all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timed_side_by_side  # noqa: E402
 
 
 def main() -> None:
@@ -106,8 +90,9 @@ def main() -> None:
     kv_bytes = 2 * a.batch * a.context * a.num_kv_heads * a.head_dim * key_cache.element_size()
     fns = {"pyserve paged_attention": ours, "torch SDPA (enable_gqa)": sdpa_gqa,
            "torch SDPA (K/V repeated per head)": sdpa_expanded}
-    medians = timed_side_by_side(fns, a.iters, a.warmup, dev)
-    rows = [{"name": name, "median_us": t * 1e6, "gbps": kv_bytes / t / 1e9} for name, t in medians.items()]
+    times = timed_side_by_side(fns, a.iters, a.warmup, dev)
+    rows = [{"name": name, "median_us": t * 1e6, "min_us": t_min * 1e6, "gbps": kv_bytes / t / 1e9}
+            for name, (t, t_min) in times.items()]
     best_torch = min(rows[1:], key=lambda r: r["median_us"])
     ratio = best_torch["median_us"] / rows[0]["median_us"]
 

@@ -18,30 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import statistics
-import time
+import sys
 
 import torch
 
 import pyserve
 from pyserve import _ops
 
-
-def timed(fn, iters: int, warmup: int, device: str) -> tuple[float, float]:
-    """(median, min) seconds per call; the min is the robust number on a shared machine."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), min(samples)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timed_side_by_side  # noqa: E402
 
 
 def torch_sampler(logits, temperature, top_k, top_p, generator):
@@ -106,8 +93,8 @@ def main() -> None:
         def baseline():
             return torch_sampler(logits, temp, kk.long() if k > 0 else None, pp if top_p < 1 else None, torch_gen)
 
-        t_ours, min_ours = timed(ours, a.iters, a.warmup, dev)
-        t_torch, min_torch = timed(baseline, a.iters, a.warmup, dev)
+        times = timed_side_by_side({"ours": ours, "torch": baseline}, a.iters, a.warmup, dev)
+        (t_ours, min_ours), (t_torch, min_torch) = times["ours"], times["torch"]
         rows.append({"case": name, "pyserve_us": t_ours * 1e6, "torch_us": t_torch * 1e6,
                      "ratio": t_torch / t_ours, "pyserve_gbps": logits_bytes / t_ours / 1e9,
                      "torch_gbps": logits_bytes / t_torch / 1e9, "pyserve_min_us": min_ours * 1e6,
