@@ -173,3 +173,15 @@ def test_n_samples_share_the_prompt_blocks():
                 shared = max(shared, engine.block_manager.allocator.ref_count(first))
     assert shared == 3
     assert_no_leak(llm)
+
+
+def test_n_samples_survive_preemption():
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=20, ignore_eos=True)
+    work = prompts(6, seed=5)
+    roomy = make_llm(enable_prefix_caching=False)
+    want = [[c.token_ids for c in o.outputs] for o in roomy.generate(work, params)]
+    tight = make_llm(num_gpu_blocks_override=14, enable_prefix_caching=False, max_num_batched_tokens=96)
+    got = [[c.token_ids for c in o.outputs] for o in tight.generate(work, params)]
+    assert got == want
+    assert tight.engine.stats().num_preemptions > 0
+    assert_no_leak(tight)
