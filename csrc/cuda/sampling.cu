@@ -283,11 +283,16 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
     uint32_t t_p = 0;
     if (top_p < 1.f) {
       double zk = 0.0;
+      float wk_max = 0.f;  // largest w in K (1 unless every w is 0)
       for (int i = tid; i < V; i += kThreads) {
         const float w = x[i];
-        if (__float_as_uint(w) >= t_k) zk += w;
+        if (__float_as_uint(w) >= t_k) {
+          zk += w;
+          wk_max = fmaxf(wk_max, w);
+        }
       }
       const double target = static_cast<double>(top_p) * block_allreduce(zk, SumOp{}, red_d);
+      wk_max = block_allreduce(wk_max, MaxOp{}, red_f);
       const uint32_t lo = t_k;
       for (int bit = 30; bit >= 0; --bit) {
         const uint32_t cand = t_p | (1u << bit);
@@ -299,6 +304,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
         }
         if (block_allreduce(s, SumOp{}, red_d) >= target) t_p = cand;
       }
+      // t_p must be one of K's values (SAMPLING.md 6). The search lands on one
+      // whenever target > 0, but if target == 0 (every w is 0, e.g. a row of
+      // -inf logits) every candidate passes and t_p would end above all w,
+      // emptying P; the spec's t_p is then the largest w (0), keeping all.
+      if (t_p > __float_as_uint(wk_max)) t_p = __float_as_uint(wk_max);
     }
     const uint32_t thr = t_k > t_p ? t_k : t_p;
     const float min_p = p.min_p[b];
@@ -345,7 +355,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
         break;  // block-uniform
       }
     }
-    token = found != INT_MAX ? found : (last >= 0 ? last : best_id);
+    // M is empty only when every w is 0 (a row of -inf logits) and min_p > 0;
+    // the CPU sampler then returns V - 1, so do the same to stay in agreement.
+    token = found != INT_MAX ? found : (last >= 0 ? last : V - 1);
   }
   if (tid == 0) {
     p.sampled[b] = token;
@@ -433,7 +445,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
   at::Tensor top_ids = at::empty({batch, num_top_logprobs}, long_opts);
   at::Tensor top_logprobs = at::empty({batch, num_top_logprobs}, float_opts);
   if (batch == 0) return {sampled, sampled_logprob, top_ids, top_logprobs};
-  TORCH_CHECK(vocab <= INT_MAX, "sample supports vocab sizes below 2^31, got ", vocab);
+  // int ids in the kernel; the strided loops step up to kChunk past the last
+  // id (i += kThreads, base += kChunk), which must not overflow int.
+  TORCH_CHECK(vocab <= INT_MAX - kChunk, "sample supports vocab sizes below 2^31 - ", kChunk, ", got ", vocab);
   TORCH_CHECK(batch <= INT_MAX, "sample supports at most 2^31 - 1 rows, got ", batch);
   const c10::cuda::CUDAGuard guard(logits.device());
 
