@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -58,6 +59,8 @@ class State:
         self.aengine = None  # AsyncLLMEngine
         self.created = int(time.time())
         self.ready_seconds: float | None = None
+        self.draining = False
+        self.inflight = 0  # API requests being handled (drained on SIGTERM)
 
     @property
     def tokenizer(self):
@@ -145,8 +148,11 @@ async def _merged(state: State, rids: list[str], iters: list, trackers: list[_Tr
         for t in tasks:
             t.cancel()
         for rid, tr in zip(rids, trackers):
-            if not tr.done:
+            if not tr.done:  # the client left (or an error): abort, and count it
                 state.aengine.abort(rid)
+                tr.done = True
+                now = time.perf_counter()
+                state.metrics.record_request("abort", tr.arrival, tr.first, now, 0)
         for it in iters:
             with contextlib.suppress(BaseException):
                 await it.aclose()
@@ -244,6 +250,32 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         log.info("serving %s on http://%s:%d", state.names[0], args.host, args.port)
         log.info("ready in %.2f s", state.ready_seconds)
 
+    @app.after_server_start
+    async def _signals(app):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _drain, sig)
+
+    def _drain(sig) -> None:
+        """SIGTERM/SIGINT: new requests get 503, running ones get --shutdown-timeout to finish,
+        then the server stops (exit 0). A second signal stops at once."""
+        if state.draining:
+            app.stop(terminate=False)
+            return
+        state.draining = True
+        log.info("%s: draining %d request(s), up to %.0f s", signal.Signals(sig).name, state.inflight,
+                 args.shutdown_timeout)
+
+        async def wait_then_stop():
+            deadline = time.monotonic() + args.shutdown_timeout
+            while state.inflight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if state.inflight:
+                log.warning("shutdown timeout: aborting %d request(s)", state.inflight)
+            app.stop(terminate=False)
+
+        app.add_task(wait_then_stop())
+
     @app.after_server_stop
     async def _stop(app):  # noqa: ARG001
         if state.aengine is not None:
@@ -270,6 +302,8 @@ def create_app(args, t_start: float | None = None) -> Sanic:
     async def _auth(request):
         if request.method == "OPTIONS" and origins:
             return HTTPResponse(status=204, headers=_cors_headers(request))
+        if state.draining and request.path != "/metrics":
+            return _error(APIError(503, "the server is shutting down", type="service_unavailable"))
         key = args.api_key
         if key is None or request.path in OPEN_PATHS:
             return None
@@ -299,6 +333,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
 
     def api(handler):
         async def wrapped(request, *a, **kw):
+            state.inflight += 1
             try:
                 return await handler(request, *a, **kw)
             except APIError as e:
@@ -307,6 +342,8 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                 return _error(APIError(503, str(e), type="engine_dead"))
             except ValueError as e:
                 return _error(protocol.from_value_error(e))
+            finally:
+                state.inflight -= 1
 
         wrapped.__name__ = handler.__name__
         return wrapped
