@@ -119,3 +119,44 @@ def test_metrics_and_version(server, client):
 
 def test_health(server):
     assert http("GET", server.url + "/health")[0] == 200
+
+
+def test_chat_n_and_logprobs(client):
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=MESSAGES, max_tokens=6, n=3,
+                                       temperature=1.0, seed=7, logprobs=True, top_logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        content = c.logprobs.content
+        assert len(content) >= 1 and all(t.logprob <= 0 for t in content)
+        assert all(1 <= len(t.top_logprobs) <= 2 for t in content)
+        assert "".join(t.token for t in content) == c.message.content or c.finish_reason == "stop"
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
+
+
+def test_chat_seed_reproducible(client):
+    kw = dict(model="SmolLM2-135M-Instruct", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=123)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_chat_stream_n2(client):
+    chunks = list(client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=MESSAGES, max_tokens=5,
+                                                 n=2, temperature=0.7, seed=3, stream=True))
+    finished = {c.choices[0].index: c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason}
+    assert set(finished) == {0, 1}
+
+
+def test_vllm_extras_accepted(client):
+    r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Count: 1, 2,", max_tokens=6,
+                                  extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1,
+                                              "min_tokens": 6, "ignore_eos": True, "stop_token_ids": [2],
+                                              "skip_special_tokens": True})
+    assert r.usage.completion_tokens == 6
+
+
+def test_completion_echo(client):
+    r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Echo me", max_tokens=2, echo=True,
+                                  temperature=0)
+    assert r.choices[0].text.startswith("Echo me")
