@@ -99,3 +99,49 @@ def test_api_key(auth_server):
     assert status == 200 and body["choices"]
     assert http("GET", url + "/health")[0] == 200
     assert http("GET", url + "/metrics")[0] == 200
+
+
+CHAT_CASES = [
+    {"messages": [{"role": "user", "content": {"a": 1}}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    {"messages": "hi"},
+    {"messages": [{"role": "user"}], "max_tokens": "5"},
+    {**CHAT, "stop": [1, 2]},
+    {**CHAT, "n": "2"},
+    {**CHAT, "logit_bias": [1, 2]},
+    {**CHAT, "seed": 1.5},
+    {**CHAT, "temperature": "hot"},
+    {**CHAT, "model": 5},
+    {**CHAT, "stream": "yes"},
+    {**CHAT, "top_logprobs": 50, "logprobs": True},
+    {**CHAT, "top_logprobs": 2},
+    {**CHAT, "response_format": "x"},
+    {**CHAT, "stream_options": {"include_usage": True}},
+    {**CHAT, "tool_choice": "auto"},
+    {**CHAT, "max_completion_tokens": -3},
+    {**CHAT, "min_tokens": 5, "max_tokens": 2},
+    {**CHAT, "stop_token_ids": [10 ** 9]},
+]
+COMPLETION_CASES = [
+    {"prompt": [[]]}, {"prompt": [1, "a"]}, {"prompt": []}, {"prompt": [10 ** 9]}, {"prompt": "x", "logprobs": 50},
+    {"prompt": "x", "logprobs": True}, {"prompt": "x", "echo": 1}, {"prompt": "x", "suffix": "y"},
+    {"prompt": "x", "best_of": 3}, {"prompt": ["ok", ""]},
+]
+
+
+@pytest.mark.parametrize("body", CHAT_CASES)
+def test_garbage_chat_is_400(server, body):
+    _check(*http("POST", server.url + "/v1/chat/completions", body), 400)
+
+
+@pytest.mark.parametrize("body", COMPLETION_CASES)
+def test_garbage_completion_is_400(server, body):
+    _check(*http("POST", server.url + "/v1/completions", body), 400)
+
+
+@pytest.mark.parametrize("path,body", [("/tokenize", {"prompt": 5}), ("/tokenize", {"prompt": "x", "add_special_tokens": 1}),
+                                       ("/tokenize", {"messages": 3}), ("/detokenize", {"tokens": "abc"}),
+                                       ("/tokenize", {"prompt": "x", "model": "other"})])
+def test_garbage_tokenize_is_4xx(server, path, body):
+    status, resp = http("POST", server.url + path, body)
+    assert status in (400, 404) and resp["error"]["message"]
