@@ -61,6 +61,7 @@ class State:
         self.ready_seconds: float | None = None
         self.draining = False
         self.inflight = 0  # API requests being handled (drained on SIGTERM)
+        self.active = 0  # engine requests added and not yet done
 
     @property
     def tokenizer(self):
@@ -76,8 +77,15 @@ class State:
             raise APIError(503, "the server is not ready", type="service_unavailable")
         if self.aengine.dead is not None:
             raise APIError(503, f"the engine has died: {self.aengine.dead!r}", type="engine_dead")
+
+    def check_queue(self, new_requests: int) -> None:
+        """429 if admitting these would leave more than --max-queued-requests waiting: requests beyond
+        --max-num-seqs wait (the engine's own count lags a step, so take the larger)."""
         limit = self.args.max_queued_requests
-        if limit is not None and self.aengine.stats().num_waiting >= limit:
+        if limit is None:
+            return
+        waiting = max(self.aengine.stats().num_waiting, self.active - self.args.max_num_seqs)
+        if max(0, waiting) + new_requests > limit + max(0, self.args.max_num_seqs - self.active):
             raise APIError(429, f"too many requests waiting (--max-queued-requests {limit}); retry later",
                            type="rate_limit_exceeded", code="queue_full")
 
@@ -147,6 +155,7 @@ async def _merged(state: State, rids: list[str], iters: list, trackers: list[_Tr
     finally:
         for t in tasks:
             t.cancel()
+        state.active -= len(rids)
         for rid, tr in zip(rids, trackers):
             if not tr.done:  # the client left (or an error): abort, and count it
                 state.aengine.abort(rid)
@@ -170,6 +179,7 @@ def _track(state: State, tr: _Tracker, out) -> None:
 
 def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: str):
     """Validate and add every prompt, or none (a bad one aborts those already added)."""
+    state.check_queue(len(prompts))
     rids, iters = [], []
     try:
         for i, prompt in enumerate(prompts):
@@ -184,7 +194,19 @@ def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: st
         for rid in rids:
             state.aengine.abort(rid)
         raise APIError(503, str(e), type="engine_dead") from None
+    state.active += len(rids)
     return rids, iters, [_Tracker() for _ in rids]
+
+
+async def _respond_sse(state: State, request, rids: list[str]):
+    """Start the event stream; if that fails (the client is gone), give the requests back."""
+    try:
+        return await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    except BaseException:
+        state.active -= len(rids)
+        for rid in rids:
+            state.aengine.abort(rid)
+        raise
 
 
 def _decode_token(tok, token_id: int) -> str:
@@ -466,7 +488,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                           "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
                           "usage": _usage(prompt_tokens, completion_tokens, cached)})
 
-        resp = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        resp = await _respond_sse(state, request, rids)
 
         def chunk(choices, usage=None):
             c = {"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -551,7 +573,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                           "usage": _usage(len(final.prompt_token_ids), sum(len(o.token_ids) for o in final.outputs),
                                           final.num_cached_tokens)})
 
-        resp = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        resp = await _respond_sse(state, request, rids)
 
         def chunk(choices, usage=None):
             c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -81,3 +81,26 @@ def test_failing_phase_exits_nonzero_naming_it(tmp_path):
                         *SERVER_ARGS], env=server_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "startup failed in phase 'weights'" in r.stderr, r.stderr
+
+
+def test_queue_full_429():
+    s = Server("--max-num-seqs", "1", "--max-queued-requests", "1").wait_ready()
+    try:
+        conns = []
+        for i in range(2):  # one running, one waiting
+            c = httpclient.HTTPConnection("127.0.0.1", s.port, timeout=60)
+            c.request("POST", "/v1/completions", json.dumps({"prompt": "hello", "max_tokens": 1500,
+                                                             "ignore_eos": True, "stream": True}),
+                      {"Content-Type": "application/json"})
+            conns.append(c)
+        assert conns[0].getresponse().status == 200  # (the waiting one's headers come with its first token)
+        deadline = time.monotonic() + 30
+        while _metric(s, "pyserve:num_requests_waiting") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _metric(s, "pyserve:num_requests_waiting") == 1
+        status, body = http("POST", s.url + "/v1/completions", {"prompt": "hello", "max_tokens": 1})
+        assert status == 429 and body["error"]["code"] == "queue_full"
+        for c in conns:
+            c.close()
+    finally:
+        s.stop()

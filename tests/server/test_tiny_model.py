@@ -95,3 +95,4 @@ def test_health_answers_while_32_streams_generate(tiny_server):
         events = [e[6:] for e in raw.split("\n\n") if e]
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["usage"]["completion_tokens"] == 48
+
