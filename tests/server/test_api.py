@@ -160,3 +160,19 @@ def test_completion_echo(client):
     r = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Echo me", max_tokens=2, echo=True,
                                   temperature=0)
     assert r.choices[0].text.startswith("Echo me")
+
+
+def test_completion_stream_equals_non_stream_with_stop(client):
+    kw = dict(model="SmolLM2-135M-Instruct", prompt="1, 2, 3, 4,", max_tokens=24, temperature=0, stop=[" 9"])
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason == "stop"
+    assert " 9" not in full.choices[0].text
+
+
+def test_chat_stop(client):
+    r = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=40, temperature=0,
+                                       messages=[{"role": "user", "content": "Count from 1 to 20, comma separated."}],
+                                       stop=["5"])
+    assert r.choices[0].finish_reason == "stop" and "5" not in r.choices[0].message.content
