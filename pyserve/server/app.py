@@ -106,6 +106,11 @@ def startup(state: State) -> None:
     state.metrics.attach(state.aengine, baseline)
     state.metrics.set_startup(ph.seconds)
     state.ready_seconds = process_age() or (time.time() - state.t_start)
+    capacity = state.engine.num_blocks * state.engine.config.block_size
+    if capacity < state.engine.max_model_len:
+        log.warning("the KV cache holds %d tokens, less than the max model length %d: a request that needs "
+                    "more (a chat without max_tokens, say) gets 400; raise --kv-cache-memory or lower "
+                    "--max-model-len", capacity, state.engine.max_model_len)
     if state.args.chat_template_text is None and not state.engine.tokenizer.chat_template:
         log.warning("the model has no chat template: /v1/chat/completions will answer 400 (see --chat-template)")
 
