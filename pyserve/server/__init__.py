@@ -1,0 +1,1 @@
+"""The HTTP server: protocol, Sanic app, metrics, startup."""

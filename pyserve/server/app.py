@@ -1,0 +1,646 @@
+"""The Sanic app: the model loads in `before_server_start` (so nothing is served
+before it is ready), then the OpenAI-compatible routes talk to the engine
+through AsyncLLMEngine. Every handler answers in OpenAI's error body; none can
+answer 500 for a bad request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+
+import orjson
+from sanic import Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse
+
+import pyserve
+from pyserve.engine.async_engine import EngineDeadError
+from pyserve.engine.chat_template import ChatTemplateError, render_chat
+from pyserve.server import protocol
+from pyserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from pyserve.server.metrics import Metrics
+from pyserve.server.protocol import APIError
+from pyserve.server.startup import Phases, StartupError, build_engine, process_age, warm_up
+
+log = logging.getLogger("pyserve.server")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SYSTEM_FINGERPRINT = f"fp_pyserve_{pyserve.__version__}"
+OPEN_PATHS = ("/health", "/metrics", "/version")
+
+
+def _json(obj, status: int = 200, headers: dict | None = None) -> HTTPResponse:
+    return HTTPResponse(orjson.dumps(obj), status=status, headers=headers, content_type="application/json")
+
+
+def _error(e: APIError) -> HTTPResponse:
+    return _json(e.body(), e.status)
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class State:
+    def __init__(self, args, t_start: float):
+        self.args = args
+        self.t_start = t_start
+        self.names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+        self.metrics = Metrics()
+        self.phases = Phases()
+        self.engine = None  # LLMEngine
+        self.aengine = None  # AsyncLLMEngine
+        self.created = int(time.time())
+        self.ready_seconds: float | None = None
+        self.draining = False
+        self.inflight = 0  # API requests being handled (drained on SIGTERM)
+        self.active = 0  # engine requests added and not yet done
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def check_model(self, model: str | None) -> str:
+        if model is not None and model not in self.names:
+            raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return self.names[0]
+
+    def check_live(self) -> None:
+        if self.aengine is None:
+            raise APIError(503, "the server is not ready", type="service_unavailable")
+        if self.aengine.dead is not None:
+            raise APIError(503, f"the engine has died: {self.aengine.dead!r}", type="engine_dead")
+
+    def check_queue(self, new_requests: int) -> None:
+        """429 if admitting these would leave more than --max-queued-requests waiting: requests beyond
+        --max-num-seqs wait (the engine's own count lags a step, so take the larger)."""
+        limit = self.args.max_queued_requests
+        if limit is None:
+            return
+        waiting = max(self.aengine.stats().num_waiting, self.active - self.args.max_num_seqs)
+        if max(0, waiting) + new_requests > limit + max(0, self.args.max_num_seqs - self.active):
+            raise APIError(429, f"too many requests waiting (--max-queued-requests {limit}); retry later",
+                           type="rate_limit_exceeded", code="queue_full")
+
+
+def startup(state: State) -> None:
+    ph = state.phases
+    age = process_age()
+    if age is not None:
+        ph.seconds["import"] = max(0.0, age - (time.time() - state.t_start))
+    state.engine = build_engine(state.args, ph)
+    with ph.phase("warmup"):
+        warm_up(state.engine)
+    baseline = state.engine.stats()
+    with ph.phase("engine"):
+        from pyserve.engine.async_engine import AsyncLLMEngine
+
+        state.aengine = AsyncLLMEngine(state.engine)
+    state.metrics.attach(state.aengine, baseline)
+    state.metrics.set_startup(ph.seconds)
+    state.ready_seconds = process_age() or (time.time() - state.t_start)
+    capacity = state.engine.num_blocks * state.engine.config.block_size
+    if capacity < state.engine.max_model_len:
+        log.warning("the KV cache holds %d tokens, less than the max model length %d: a request that needs "
+                    "more (a chat without max_tokens, say) gets 400; raise --kv-cache-memory or lower "
+                    "--max-model-len", capacity, state.engine.max_model_len)
+    if state.args.chat_template_text is None and not state.engine.tokenizer.chat_template:
+        log.warning("the model has no chat template: /v1/chat/completions will answer 400 (see --chat-template)")
+
+
+# ---- generation helpers ---------------------------------------------------------------------------
+
+
+class _Tracker:
+    """Per engine request: timing for the metrics."""
+
+    def __init__(self):
+        self.arrival = time.perf_counter()
+        self.first: float | None = None
+        self.done = False
+
+
+async def _merged(state: State, rids: list[str], iters: list, trackers: list[_Tracker]):
+    """Yield (prompt index, RequestOutput) from several engine streams as they come; on exit,
+    every request that has not finished is aborted."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, it):
+        try:
+            async for out in it:
+                await q.put((i, out))
+            await q.put((i, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await q.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, it)) for i, it in enumerate(iters)] if len(iters) > 1 else []
+    try:
+        if not tasks:  # one prompt: no tasks in between
+            async for out in iters[0]:
+                _track(state, trackers[0], out)
+                yield 0, out
+            return
+        remaining = len(tasks)
+        while remaining:
+            i, item = await q.get()
+            if item is None:
+                remaining -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            _track(state, trackers[i], item)
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        state.active -= len(rids)
+        for rid, tr in zip(rids, trackers):
+            if not tr.done:  # the client left (or an error): abort, and count it
+                state.aengine.abort(rid)
+                tr.done = True
+                now = time.perf_counter()
+                state.metrics.record_request("abort", tr.arrival, tr.first, now, 0)
+        for it in iters:
+            with contextlib.suppress(BaseException):
+                await it.aclose()
+
+
+def _track(state: State, tr: _Tracker, out) -> None:
+    now = time.perf_counter()
+    if tr.first is None and any(o.token_ids for o in out.outputs):
+        tr.first = now
+    if out.finished and not tr.done:
+        tr.done = True
+        state.metrics.record_request(out.outputs[0].finish_reason, tr.arrival, tr.first, now,
+                                     sum(len(o.token_ids) for o in out.outputs))
+
+
+def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: str):
+    """Validate and add every prompt, or none (a bad one aborts those already added)."""
+    state.check_queue(len(prompts))
+    rids, iters = [], []
+    try:
+        for i, prompt in enumerate(prompts):
+            rid = f"{base_id}-{i}"
+            iters.append(state.aengine.add_request(rid, prompt, params))
+            rids.append(rid)
+    except ValueError as e:
+        for rid in rids:
+            state.aengine.abort(rid)
+        raise protocol.from_value_error(e, prompt_param) from None
+    except EngineDeadError as e:
+        for rid in rids:
+            state.aengine.abort(rid)
+        raise APIError(503, str(e), type="engine_dead") from None
+    state.active += len(rids)
+    return rids, iters, [_Tracker() for _ in rids]
+
+
+async def _respond_sse(state: State, request, rids: list[str]):
+    """Start the event stream; if that fails (the client is gone), give the requests back."""
+    try:
+        return await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    except BaseException:
+        state.active -= len(rids)
+        for rid in rids:
+            state.aengine.abort(rid)
+        raise
+
+
+def _decode_token(tok, token_id: int) -> str:
+    return tok.decode([token_id])
+
+
+def _completion_logprobs(tok, ids, lps, tops, offset: int) -> dict:
+    tokens = [_decode_token(tok, t) for t in ids]
+    offsets = []
+    for s in tokens:
+        offsets.append(offset)
+        offset += len(s)
+    top = None
+    if tops is not None:
+        top = [{_decode_token(tok, t): lp for t, lp in sorted(d.items(), key=lambda kv: -kv[1])} for d in tops]
+    return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(tok, ids, lps, tops) -> dict:
+    content = []
+    for k, (t, lp) in enumerate(zip(ids, lps)):
+        s = _decode_token(tok, t)
+        entry = {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
+        if tops is not None and k < len(tops):
+            for tid, tlp in sorted(tops[k].items(), key=lambda kv: -kv[1]):
+                ts = _decode_token(tok, tid)
+                entry["top_logprobs"].append({"token": ts, "logprob": tlp, "bytes": list(ts.encode("utf-8"))})
+        content.append(entry)
+    return {"content": content}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+# ---- the app --------------------------------------------------------------------------------------
+
+
+def create_app(args, t_start: float | None = None) -> Sanic:
+    state = State(args, t_start or time.time())
+    app = Sanic("pyserve", configure_logging=False)
+    app.config.ACCESS_LOG = False
+    app.config.RESPONSE_TIMEOUT = 24 * 3600  # long generations are not timeouts
+    app.config.REQUEST_TIMEOUT = 600
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = args.shutdown_timeout
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.ctx.state = state
+
+    @app.before_server_start
+    async def _load(app):  # noqa: ARG001
+        try:
+            startup(state)
+        except StartupError as e:
+            log.error("%s", e)
+            _die(1)
+        except BaseException as e:  # noqa: BLE001
+            log.error("startup failed in phase %r: %s: %s", state.phases.current, type(e).__name__, e)
+            _die(1)
+        ph = state.phases.seconds
+        log.info("startup phases: %s", ", ".join(f"{k} {v:.2f} s" for k, v in ph.items()))
+        log.info("serving %s on http://%s:%d", state.names[0], args.host, args.port)
+        log.info("ready in %.2f s", state.ready_seconds)
+
+    @app.after_server_start
+    async def _signals(app):
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _drain, sig)
+
+    def _drain(sig) -> None:
+        """SIGTERM/SIGINT: new requests get 503, running ones get --shutdown-timeout to finish,
+        then the server stops (exit 0). A second signal stops at once."""
+        if state.draining:
+            app.stop(terminate=False)
+            return
+        state.draining = True
+        log.info("%s: draining %d request(s), up to %.0f s", signal.Signals(sig).name, state.inflight,
+                 args.shutdown_timeout)
+
+        async def wait_then_stop():
+            deadline = time.monotonic() + args.shutdown_timeout
+            while state.inflight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if state.inflight:
+                log.warning("shutdown timeout: aborting %d request(s)", state.inflight)
+            app.stop(terminate=False)
+
+        app.add_task(wait_then_stop())
+
+    @app.after_server_stop
+    async def _stop(app):  # noqa: ARG001
+        if state.aengine is not None:
+            state.aengine.shutdown()
+
+    # -- auth, CORS, errors --
+
+    origins = set(args.allowed_origins or [])
+
+    def _cors_headers(request) -> dict:
+        origin = request.headers.get("origin")
+        if not origins or origin is None:
+            return {}
+        if "*" in origins:
+            allow = "*"
+        elif origin in origins:
+            allow = origin
+        else:
+            return {}
+        return {"Access-Control-Allow-Origin": allow, "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Authorization, Content-Type", "Vary": "Origin"}
+
+    @app.on_request
+    async def _auth(request):
+        if request.method == "OPTIONS" and origins:
+            return HTTPResponse(status=204, headers=_cors_headers(request))
+        if state.draining and request.path != "/metrics":
+            return _error(APIError(503, "the server is shutting down", type="service_unavailable"))
+        key = args.api_key
+        if key is None or request.path in OPEN_PATHS:
+            return None
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
+            return _json(protocol.error_body("invalid or missing API key (Authorization: Bearer <key>)",
+                                             "authentication_error", None, "invalid_api_key"), 401)
+        return None
+
+    @app.on_response
+    async def _cors(request, response):
+        if origins and response is not None:
+            for k, v in _cors_headers(request).items():
+                response.headers[k] = v
+
+    @app.exception(SanicException)
+    async def _sanic_error(request, exc):  # noqa: ARG001
+        status = getattr(exc, "status_code", 500) or 500
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status,
+                                                                                         "invalid_request_error")
+        return _json(protocol.error_body(str(exc) or kind, kind), status)
+
+    @app.exception(Exception)
+    async def _any_error(request, exc):  # noqa: ARG001
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _json(protocol.error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_error"), 500)
+
+    def api(handler):
+        async def wrapped(request, *a, **kw):
+            state.inflight += 1
+            try:
+                return await handler(request, *a, **kw)
+            except APIError as e:
+                return _error(e)
+            except EngineDeadError as e:
+                return _error(APIError(503, str(e), type="engine_dead"))
+            except ValueError as e:
+                return _error(protocol.from_value_error(e))
+            finally:
+                state.inflight -= 1
+
+        wrapped.__name__ = handler.__name__
+        return wrapped
+
+    # -- simple routes --
+
+    @app.get("/health")
+    async def health(request):  # noqa: ARG001
+        if state.aengine is None:
+            return _error(APIError(503, "the server is not ready", type="service_unavailable"))
+        if state.aengine.dead is not None:
+            return _error(APIError(503, f"the engine has died: {state.aengine.dead!r}", type="engine_dead"))
+        return _json({"status": "ok"})
+
+    @app.get("/version")
+    async def version(request):  # noqa: ARG001
+        return _json({"version": pyserve.__version__,
+                      "startup": {"phases": state.phases.seconds, "ready_seconds": state.ready_seconds}})
+
+    @app.get("/metrics")
+    async def metrics(request):  # noqa: ARG001
+        return HTTPResponse(state.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    @api
+    async def models(request):  # noqa: ARG001
+        state.check_live()
+        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "pyserve",
+                 "root": args.model or DEFAULT_MODEL_NAME, "parent": None,
+                 "max_model_len": state.engine.max_model_len} for name in state.names]
+        return _json({"object": "list", "data": data})
+
+    @app.post("/tokenize")
+    @api
+    async def tokenize(request):
+        state.check_live()
+        body = protocol.parse_json(request.body)
+        state.check_model(body.get("model"))
+        tok = state.tokenizer
+        if "messages" in body:
+            ids = _chat_prompt_ids(body)
+            add_special = body.get("add_special_tokens", False)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise APIError(400, "prompt must be a string (or give messages)", param="prompt")
+            add_special = body.get("add_special_tokens", True)
+            if not isinstance(add_special, bool):
+                raise APIError(400, "add_special_tokens must be a boolean", param="add_special_tokens")
+            ids = tok.encode(prompt, add_special_tokens=add_special)
+        return _json({"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids})
+
+    @app.post("/detokenize")
+    @api
+    async def detokenize(request):
+        state.check_live()
+        body = protocol.parse_json(request.body)
+        state.check_model(body.get("model"))
+        ids = body.get("tokens")
+        vocab = state.engine.model.cfg.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                for t in ids):
+            raise APIError(400, f"tokens must be a list of token ids in [0, {vocab})", param="tokens")
+        return _json({"prompt": state.tokenizer.decode(ids)})
+
+    def _chat_prompt_ids(body_or_req) -> list[int]:
+        if isinstance(body_or_req, dict):
+            req = protocol.parse_chat({**body_or_req, "max_tokens": None, "stream": False})
+        else:
+            req = body_or_req
+        tok = state.tokenizer
+        template = args.chat_template_text or tok.chat_template
+        try:
+            text = render_chat(template, req.messages, req.add_generation_prompt,
+                               bos_token=tok.token(tok.bos_token_id) or "", eos_token=tok.token(tok.eos_token_id) or "")
+        except ChatTemplateError as e:
+            raise APIError(400, f"messages: {e}", param="messages") from None
+        return tok.encode(text, add_special_tokens=False)
+
+    # -- completions --
+
+    @app.post("/v1/completions")
+    @api
+    async def completions(request):
+        state.check_live()
+        req = protocol.parse_completion(protocol.parse_json(request.body))
+        model = state.check_model(req.model)
+        tok = state.tokenizer
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        n = req.params.n
+        rids, iters, trackers = _add_all(state, cid, req.prompts, req.params, "prompt")
+        want_lp = req.params.logprobs is not None
+
+        def echo_text(i: int, out) -> str:
+            if not req.echo:
+                return ""
+            p = req.prompts[i]
+            return p if isinstance(p, str) else tok.decode(out.prompt_token_ids)
+
+        if not req.stream:
+            finals: dict[int, object] = {}
+            async with contextlib.aclosing(_merged(state, rids, iters, trackers)) as stream:
+                async for i, out in stream:
+                    if out.finished:
+                        finals[i] = out
+            choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+            for i in range(len(req.prompts)):
+                out = finals[i]
+                prompt_tokens += len(out.prompt_token_ids)
+                cached += out.num_cached_tokens
+                for o in out.outputs:
+                    completion_tokens += len(o.token_ids)
+                    pre = echo_text(i, out)
+                    lp = (_completion_logprobs(tok, o.token_ids, o.logprobs or [], o.top_logprobs, len(pre))
+                          if want_lp else None)
+                    choices.append({"index": i * n + o.index, "text": pre + o.text, "logprobs": lp,
+                                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+            return _json({"id": cid, "object": "text_completion", "created": created, "model": model,
+                          "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+                          "usage": _usage(prompt_tokens, completion_tokens, cached)})
+
+        resp = await _respond_sse(state, request, rids)
+
+        def chunk(choices, usage=None):
+            c = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+            if usage is not None:
+                c["usage"] = usage
+            return _sse(c)
+
+        sent_tokens: dict[tuple[int, int], int] = {}
+        sent_chars: dict[tuple[int, int], int] = {}
+        prompt_tokens = {}
+        completion_tokens: dict[tuple[int, int], int] = {}
+        cached = {}
+        try:
+            async with contextlib.aclosing(_merged(state, rids, iters, trackers)) as stream:
+                async for i, out in stream:
+                    prompt_tokens[i] = len(out.prompt_token_ids)
+                    cached[i] = out.num_cached_tokens
+                    choices = []
+                    for o in out.outputs:
+                        key = (i, o.index)
+                        if key in completion_tokens and key not in sent_tokens:
+                            continue  # already finished
+                        first = key not in sent_chars
+                        start = sent_tokens.get(key, 0)
+                        new_ids = o.token_ids[start:]
+                        if not o.delta_text and not new_ids and not o.finished and not (first and req.echo):
+                            continue
+                        text = (echo_text(i, out) if first else "") + o.delta_text
+                        lp = None
+                        if want_lp:
+                            lp = _completion_logprobs(tok, new_ids, (o.logprobs or [])[start:],
+                                                      (o.top_logprobs or [])[start:] if o.top_logprobs is not None
+                                                      else None, sent_chars.get(key, 0))
+                        sent_chars[key] = sent_chars.get(key, 0) + len(text)
+                        sent_tokens[key] = len(o.token_ids)
+                        choices.append({"index": i * n + o.index, "text": text, "logprobs": lp,
+                                        "finish_reason": o.finish_reason,
+                                        "stop_reason": o.stop_reason if o.finished else None})
+                        if o.finished:
+                            completion_tokens[key] = len(o.token_ids)
+                            del sent_tokens[key]
+                    if choices:
+                        await resp.send(chunk(choices))
+            if req.include_usage:
+                await resp.send(chunk([], _usage(sum(prompt_tokens.values()), sum(completion_tokens.values()),
+                                                 sum(cached.values()))))
+        except (EngineDeadError, ValueError) as e:
+            await resp.send(_sse(protocol.error_body(str(e), "engine_error")))
+        await resp.send(b"data: [DONE]\n\n")
+        await resp.eof()
+        return None
+
+    # -- chat --
+
+    @app.post("/v1/chat/completions")
+    @api
+    async def chat(request):
+        state.check_live()
+        req = protocol.parse_chat(protocol.parse_json(request.body))
+        model = state.check_model(req.model)
+        tok = state.tokenizer
+        ids = _chat_prompt_ids(req)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        rids, iters, trackers = _add_all(state, cid, [ids], req.params, "messages")
+        want_lp = req.top_logprobs is not None
+
+        if not req.stream:
+            final = None
+            async with contextlib.aclosing(_merged(state, rids, iters, trackers)) as stream:
+                async for _, out in stream:
+                    if out.finished:
+                        final = out
+            choices = []
+            for o in final.outputs:
+                lp = _chat_logprobs(tok, o.token_ids, o.logprobs or [], o.top_logprobs) if want_lp else None
+                choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
+                                "logprobs": lp, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+            return _json({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                          "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+                          "usage": _usage(len(final.prompt_token_ids), sum(len(o.token_ids) for o in final.outputs),
+                                          final.num_cached_tokens)})
+
+        resp = await _respond_sse(state, request, rids)
+
+        def chunk(choices, usage=None):
+            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+            if usage is not None:
+                c["usage"] = usage
+            return _sse(c)
+
+        n = req.params.n
+        await resp.send(chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None} for k in range(n)]))
+        sent_tokens = [0] * n
+        done = [False] * n
+        last = None
+        try:
+            async with contextlib.aclosing(_merged(state, rids, iters, trackers)) as stream:
+                async for _, out in stream:
+                    last = out
+                    choices = []
+                    for o in out.outputs:
+                        if done[o.index]:
+                            continue
+                        start = sent_tokens[o.index]
+                        new_ids = o.token_ids[start:]
+                        if not o.delta_text and not new_ids and not o.finished:
+                            continue
+                        lp = None
+                        if want_lp:
+                            lp = _chat_logprobs(tok, new_ids, (o.logprobs or [])[start:],
+                                                (o.top_logprobs or [])[start:] if o.top_logprobs is not None
+                                                else None)
+                        sent_tokens[o.index] = len(o.token_ids)
+                        delta = {"content": o.delta_text} if o.delta_text else {}
+                        choices.append({"index": o.index, "delta": delta, "logprobs": lp,
+                                        "finish_reason": o.finish_reason,
+                                        "stop_reason": o.stop_reason if o.finished else None})
+                        done[o.index] = o.finished
+                    if choices:
+                        await resp.send(chunk(choices))
+            if req.include_usage and last is not None:
+                await resp.send(chunk([], _usage(len(last.prompt_token_ids),
+                                                 sum(len(o.token_ids) for o in last.outputs),
+                                                 last.num_cached_tokens)))
+        except (EngineDeadError, ValueError) as e:
+            await resp.send(_sse(protocol.error_body(str(e), "engine_error")))
+        await resp.send(b"data: [DONE]\n\n")
+        await resp.eof()
+        return None
+
+    return app
+
+
+def _die(code: int) -> None:
+    for h in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            h.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def serve(args, t_start: float | None = None) -> int:
+    app = create_app(args, t_start)
+    app.run(host=args.host, port=args.port, single_process=True, access_log=False, auto_reload=False,
+            motd=False, debug=False)
+    return 0

@@ -1,0 +1,96 @@
+"""Prometheus metrics in their own registry, named as vLLM's with a `pyserve:` prefix.
+
+Engine-wide figures (queue depths, KV-cache usage, token and prefix-cache counts,
+preemptions) are read from the engine's stats snapshot at scrape time, less what
+the warm-up ran; per-request figures (finish reasons, latencies) are recorded by
+the handlers."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+disable_created_metrics()  # no `_created` series: vLLM has none either
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0, 160.0, 640.0)
+_TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 10.0)
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable, baseline: Callable):
+        self._stats, self._baseline = stats, baseline
+
+    def collect(self):
+        s = self._stats()
+        if s is None:
+            return
+        b = self._baseline()
+
+        def since(name: str) -> float:
+            return max(0, getattr(s, name) - (getattr(b, name) if b is not None else 0))
+
+        for name, value, doc in (
+                ("pyserve:num_requests_running", s.num_running, "Sequences in the running batch."),
+                ("pyserve:num_requests_waiting", s.num_waiting, "Sequences waiting to be scheduled."),
+                ("pyserve:kv_cache_usage_perc", s.kv_cache_usage,
+                 "Fraction of KV-cache blocks held by live requests (0 to 1).")):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+        for name, attr, doc in (
+                ("pyserve:prompt_tokens", "prompt_tokens", "Prompt tokens computed (not served from the cache)."),
+                ("pyserve:generation_tokens", "generation_tokens", "Tokens generated."),
+                ("pyserve:num_preemptions", "num_preemptions", "Sequences preempted for lack of KV cache."),
+                ("pyserve:prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+                ("pyserve:prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache.")):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], since(attr))
+            yield c
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.request_success = Counter("pyserve:request_success", "Finished requests by finish reason.",
+                                       ["finished_reason"], registry=r)
+        self.ttft = Histogram("pyserve:time_to_first_token_seconds", "Time to the first generated token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pyserve:time_per_output_token_seconds", "Time per output token after the first.",
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("pyserve:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.startup_phase = Gauge("pyserve:startup_phase_seconds", "Duration of each startup phase.",
+                                   ["phase"], registry=r)
+        self._engine = None
+        self._baseline = None
+        r.register(_EngineCollector(self._engine_stats, lambda: self._baseline))
+
+    def _engine_stats(self):
+        return self._engine.stats() if self._engine is not None else None
+
+    def attach(self, engine, baseline) -> None:
+        """engine: anything with .stats(); baseline: the stats the warm-up left behind."""
+        self._engine, self._baseline = engine, baseline
+
+    def set_startup(self, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.startup_phase.labels(phase=phase).set(seconds)
+
+    def record_request(self, finish_reason: str | None, arrival: float, first_token: float | None,
+                       end: float, num_generated: int) -> None:
+        self.request_success.labels(finished_reason=finish_reason or "abort").inc()
+        self.e2e.observe(end - arrival)
+        if first_token is not None:
+            self.ttft.observe(first_token - arrival)
+            if num_generated > 1:
+                self.tpot.observe((end - first_token) / (num_generated - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

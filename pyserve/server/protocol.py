@@ -1,0 +1,236 @@
+"""Request bodies in, engine inputs out: JSON parsing, OpenAI/vLLM fields mapped
+onto SamplingParams, prompts validated; OpenAI's error body for anything wrong.
+Nothing here touches the network or the engine."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from pyserve.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """Becomes `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+_FIELD_RE = re.compile(r"^([A-Za-z_]+)")
+
+
+def from_value_error(e: ValueError, prompt_param: str = "prompt") -> APIError:
+    """The engine's and SamplingParams' ValueErrors start with the field's name."""
+    msg = str(e)
+    m = _FIELD_RE.match(msg)
+    field = m.group(1) if m else None
+    if field == "context_length_exceeded":
+        return APIError(400, msg, param=prompt_param, code="context_length_exceeded")
+    if field in ("prompt", "the"):
+        return APIError(400, msg, param=prompt_param)
+    if field == "stop":  # "stop strings must be ..."
+        return APIError(400, msg, param="stop")
+    if field == "logit_bias":
+        return APIError(400, msg, param="logit_bias")
+    return APIError(400, msg, param=field)
+
+
+def parse_json(body: bytes) -> dict:
+    if not body:
+        raise APIError(400, "the request body is empty; expected a JSON object")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise APIError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ---- fields -----------------------------------------------------------------------------------
+
+# Fields we do not implement: a 400 saying so rather than silently ignoring them.
+_UNSUPPORTED = ("tools", "functions", "function_call", "suffix", "audio", "prediction", "modalities",
+                "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "logit_bias", "stop", "stop_token_ids",
+                    "ignore_eos", "min_tokens", "skip_special_tokens", "include_stop_str_in_output")
+
+
+def _check_unsupported(body: dict) -> None:
+    for name in _UNSUPPORTED:
+        v = body.get(name)
+        if v is not None and v != [] and v != "":
+            raise APIError(400, f"{name} is not supported by this server", param=name)
+    tc = body.get("tool_choice")
+    if tc is not None and tc != "none":
+        raise APIError(400, "tool_choice is not supported by this server (only 'none')", param="tool_choice")
+    rf = body.get("response_format")
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else rf
+        if kind != "text":
+            raise APIError(400, f"response_format of type {kind!r} is not supported by this server "
+                                "(only 'text')", param="response_format")
+    bo = body.get("best_of")
+    if bo is not None and bo != body.get("n", 1) and bo != 1:
+        raise APIError(400, "best_of is not supported by this server", param="best_of")
+
+
+def _opt(body: dict, name: str, expected: type | tuple, what: str):
+    v = body.get(name)
+    if v is not None and not isinstance(v, expected):
+        raise APIError(400, f"{name} must be {what}, got {v!r}", param=name)
+    return v
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _opt(body, "stream", bool, "a boolean") or False
+    so = body.get("stream_options")
+    include_usage = False
+    if so is not None:
+        if not isinstance(so, dict):
+            raise APIError(400, "stream_options must be an object", param="stream_options")
+        if not stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        include_usage = bool(so.get("include_usage", False))
+    return stream, include_usage
+
+
+def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    kw: dict[str, Any] = {}
+    for name in _SAMPLING_FIELDS:
+        v = body.get(name)
+        if v is not None:
+            kw[name] = v
+    kw["max_tokens"] = max_tokens
+    kw["logprobs"] = logprobs
+    try:
+        return SamplingParams(**kw)
+    except ValueError as e:
+        raise from_value_error(e) from None
+
+
+def _max_tokens(body: dict, names: tuple[str, ...], default: int | None) -> int | None:
+    for name in names:
+        v = body.get(name)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise APIError(400, f"{name} must be an integer, got {v!r}", param=name)
+            if v < 1:
+                raise APIError(400, f"{name} must be >= 1, got {v}", param=name)
+            return v
+    return default
+
+
+@dataclass
+class CompletionRequest:
+    model: str | None
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+@dataclass
+class ChatRequest:
+    model: str | None
+    messages: list[dict]
+    add_generation_prompt: bool
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    top_logprobs: int | None  # None: no logprobs asked
+
+
+def _model(body: dict) -> str | None:
+    return _opt(body, "model", str, "a string")
+
+
+def _is_token_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    _check_unsupported(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif _is_token_list(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise APIError(400, "prompt must be a string, a list of strings, a list of token ids "
+                            "or a list of token-id lists (non-empty)", param="prompt")
+    stream, include_usage = _stream_options(body)
+    lp = body.get("logprobs")
+    if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int)):
+        raise APIError(400, f"logprobs must be an integer, got {lp!r}", param="logprobs")
+    echo = _opt(body, "echo", bool, "a boolean") or False
+    params = sampling_params(body, _max_tokens(body, ("max_tokens",), 16), lp)
+    return CompletionRequest(_model(body), prompts, params, stream, include_usage, echo)
+
+
+def _message_content(i: int, content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise APIError(400, f"messages[{i}].content: only text parts are supported, got {kind!r}",
+                               param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    _check_unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of messages", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(400, f"messages[{i}] must be an object", param="messages")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role must be system, developer, user or assistant, got {role!r}",
+                           param="messages")
+        if m.get("tool_calls"):
+            raise APIError(400, "tool_calls in messages are not supported by this server", param="messages")
+        clean.append({"role": "system" if role == "developer" else role,
+                      "content": _message_content(i, m.get("content"))})
+    stream, include_usage = _stream_options(body)
+    want_lp = _opt(body, "logprobs", bool, "a boolean") or False
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+        raise APIError(400, f"top_logprobs must be an integer, got {top!r}", param="top_logprobs")
+    if top is not None and not want_lp:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    n_lp = (top or 0) if want_lp else None
+    if n_lp is not None and not 0 <= n_lp <= 20:
+        raise APIError(400, f"top_logprobs must be in [0, 20], got {n_lp}", param="top_logprobs")
+    add_gen = body.get("add_generation_prompt", True)
+    if not isinstance(add_gen, bool):
+        raise APIError(400, "add_generation_prompt must be a boolean", param="add_generation_prompt")
+    params = sampling_params(body, _max_tokens(body, ("max_completion_tokens", "max_tokens"), None), n_lp)
+    return ChatRequest(_model(body), clean, add_gen, params, stream, include_usage, n_lp)

@@ -1,0 +1,117 @@
+"""The startup sequence, phase by phase, each timed: weights, tokenizer,
+KV-cache blocks, warm-up (a dummy mixed prefill/decode batch through the real
+path), then the async engine. A failing phase raises StartupError naming it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+log = logging.getLogger("pyserve.startup")
+
+
+class StartupError(RuntimeError):
+    def __init__(self, phase: str, cause: BaseException):
+        super().__init__(f"startup failed in phase {phase!r}: {type(cause).__name__}: {cause}")
+        self.phase = phase
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), to count the interpreter and torch import."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Phases:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.current = "init"
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.current = name
+        t = time.perf_counter()
+        try:
+            yield
+        except StartupError:
+            raise
+        except BaseException as e:
+            raise StartupError(name, e) from e
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        log.info("startup: %s done in %.2f s", name, self.seconds[name])
+
+
+@contextlib.contextmanager
+def _timed_engine_init(phases: Phases):
+    """LLMEngine.__init__ loads weights, then the tokenizer, then sizes the KV cache; time
+    the first two by wrapping the module functions it calls, the rest is the KV cache."""
+    from pyserve.engine import llm_engine
+
+    orig_model, orig_tok = llm_engine.load_model, llm_engine.load_tokenizer_for
+
+    def load_model(*a, **kw):
+        with phases.phase("weights"):
+            return orig_model(*a, **kw)
+
+    def load_tokenizer_for(*a, **kw):
+        with phases.phase("tokenizer"):
+            return orig_tok(*a, **kw)
+
+    llm_engine.load_model, llm_engine.load_tokenizer_for = load_model, load_tokenizer_for
+    try:
+        yield
+    finally:
+        llm_engine.load_model, llm_engine.load_tokenizer_for = orig_model, orig_tok
+
+
+def build_engine(args, phases: Phases):
+    from pyserve.config import EngineConfig
+    from pyserve.engine.llm_engine import LLMEngine
+
+    with phases.phase("config"):
+        config = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
+    t = time.perf_counter()
+    with _timed_engine_init(phases):
+        try:
+            engine = LLMEngine(args.model, config)
+        except StartupError:
+            raise
+        except BaseException as e:
+            raise StartupError("kv_cache", e) from e
+    rest = time.perf_counter() - t - phases.seconds.get("weights", 0.0) - phases.seconds.get("tokenizer", 0.0)
+    phases.seconds["kv_cache"] = max(0.0, rest)
+    log.info("startup: kv_cache done in %.2f s (%d blocks of %d tokens)", rest, engine.num_blocks,
+             config.block_size)
+    return engine
+
+
+def warm_up(engine) -> None:
+    """A short prefill, then a second prefill while the first decodes (a mixed batch),
+    greedy and sampled, until both finish."""
+    from pyserve.sampling_params import SamplingParams
+
+    vocab = engine.model.cfg.vocab_size
+    ids_a = [(7 * i + 11) % vocab for i in range(min(24, engine.max_model_len - 8))]
+    ids_b = [(13 * i + 5) % vocab for i in range(min(9, engine.max_model_len - 8))]
+    engine.add_request("warmup-0", ids_a, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    engine.step()
+    engine.add_request("warmup-1", ids_b, SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=40,
+                                                         seed=0, ignore_eos=True, logprobs=1))
+    for _ in range(64):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    for rid in ("warmup-0", "warmup-1"):
+        engine.abort(rid)

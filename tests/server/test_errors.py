@@ -1,0 +1,147 @@
+"""Bad requests: OpenAI's error body, the right status, the parameter named; never a 500."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import Server, http
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+def _check(status, body, want_status, param=None, code=None):
+    assert status == want_status, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    if code is not None:
+        assert err["code"] == code
+
+
+def test_wrong_model_404(server):
+    _check(*http("POST", server.url + "/v1/chat/completions", {**CHAT, "model": "gpt-9"}), 404, "model",
+           "model_not_found")
+
+
+def test_wrong_model_sdk(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT["messages"])
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("n", 0), ("max_tokens", 0),
+                                         ("presence_penalty", 3), ("top_k", -5), ("stop", 7),
+                                         ("logit_bias", {"999999": 1})])
+def test_bad_values_400(server, field, value):
+    _check(*http("POST", server.url + "/v1/chat/completions", {**CHAT, field: value}), 400, field)
+
+
+def test_bad_completion_prompt(server):
+    _check(*http("POST", server.url + "/v1/completions", {"prompt": 5}), 400, "prompt")
+    _check(*http("POST", server.url + "/v1/completions", {"prompt": ""}), 400, "prompt")
+
+
+def test_malformed_json(server):
+    _check(*http("POST", server.url + "/v1/chat/completions", raw=b'{"messages": ['), 400)
+    _check(*http("POST", server.url + "/v1/completions", raw=b"[1, 2]"), 400)
+
+
+def test_context_length_exceeded(server):
+    _check(*http("POST", server.url + "/v1/completions", {"prompt": "hello " * 1500, "max_tokens": 1000}), 400,
+           code="context_length_exceeded")
+    _check(*http("POST", server.url + "/v1/chat/completions",
+                 {"messages": [{"role": "user", "content": "hi " * 3000}]}), 400, code="context_length_exceeded")
+
+
+def test_unsupported_fields(server):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    status, body = http("POST", server.url + "/v1/chat/completions", {**CHAT, "tools": tools})
+    _check(status, body, 400, "tools")
+    assert "not supported" in body["error"]["message"]
+    _check(*http("POST", server.url + "/v1/chat/completions",
+                 {**CHAT, "response_format": {"type": "json_object"}}), 400, "response_format")
+
+
+def test_bad_messages(server):
+    _check(*http("POST", server.url + "/v1/chat/completions", {"messages": []}), 400, "messages")
+    _check(*http("POST", server.url + "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}),
+           400, "messages")
+
+
+def test_unknown_route_and_method(server):
+    _check(*http("GET", server.url + "/v1/nothing"), 404)
+    status, _ = http("GET", server.url + "/v1/completions")
+    assert status == 405
+
+
+def test_detokenize_bad_ids(server):
+    _check(*http("POST", server.url + "/detokenize", {"tokens": [-1]}), 400, "tokens")
+
+
+@pytest.fixture(scope="module")
+def auth_server():
+    s = Server("--api-key", "sekret").wait_ready()
+    yield s
+    s.stop()
+
+
+def test_api_key(auth_server):
+    url = auth_server.url
+    _check(*http("GET", url + "/v1/models"), 401)
+    _check(*http("POST", url + "/v1/completions", {"prompt": "a", "max_tokens": 1},
+                 headers={"Authorization": "Bearer wrong"}), 401)
+    status, body = http("GET", url + "/v1/models", headers={"Authorization": "Bearer sekret"})
+    assert status == 200 and body["data"]
+    status, body = http("POST", url + "/v1/completions", {"prompt": "a", "max_tokens": 1},
+                        headers={"Authorization": "Bearer sekret"})
+    assert status == 200 and body["choices"]
+    assert http("GET", url + "/health")[0] == 200
+    assert http("GET", url + "/metrics")[0] == 200
+
+
+CHAT_CASES = [
+    {"messages": [{"role": "user", "content": {"a": 1}}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    {"messages": "hi"},
+    {"messages": [{"role": "user"}], "max_tokens": "5"},
+    {**CHAT, "stop": [1, 2]},
+    {**CHAT, "n": "2"},
+    {**CHAT, "logit_bias": [1, 2]},
+    {**CHAT, "seed": 1.5},
+    {**CHAT, "temperature": "hot"},
+    {**CHAT, "model": 5},
+    {**CHAT, "stream": "yes"},
+    {**CHAT, "top_logprobs": 50, "logprobs": True},
+    {**CHAT, "top_logprobs": 2},
+    {**CHAT, "response_format": "x"},
+    {**CHAT, "stream_options": {"include_usage": True}},
+    {**CHAT, "tool_choice": "auto"},
+    {**CHAT, "max_completion_tokens": -3},
+    {**CHAT, "min_tokens": 5, "max_tokens": 2},
+    {**CHAT, "stop_token_ids": [10 ** 9]},
+]
+COMPLETION_CASES = [
+    {"prompt": [[]]}, {"prompt": [1, "a"]}, {"prompt": []}, {"prompt": [10 ** 9]}, {"prompt": "x", "logprobs": 50},
+    {"prompt": "x", "logprobs": True}, {"prompt": "x", "echo": 1}, {"prompt": "x", "suffix": "y"},
+    {"prompt": "x", "best_of": 3}, {"prompt": ["ok", ""]},
+]
+
+
+@pytest.mark.parametrize("body", CHAT_CASES)
+def test_garbage_chat_is_400(server, body):
+    _check(*http("POST", server.url + "/v1/chat/completions", body), 400)
+
+
+@pytest.mark.parametrize("body", COMPLETION_CASES)
+def test_garbage_completion_is_400(server, body):
+    _check(*http("POST", server.url + "/v1/completions", body), 400)
+
+
+@pytest.mark.parametrize("path,body", [("/tokenize", {"prompt": 5}), ("/tokenize", {"prompt": "x", "add_special_tokens": 1}),
+                                       ("/tokenize", {"messages": 3}), ("/detokenize", {"tokens": "abc"}),
+                                       ("/tokenize", {"prompt": "x", "model": "other"})])
+def test_garbage_tokenize_is_4xx(server, path, body):
+    status, resp = http("POST", server.url + path, body)
+    assert status in (400, 404) and resp["error"]["message"]
