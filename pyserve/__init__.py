@@ -1,9 +1,9 @@
 """pyserve: an LLM inference server on hand-written paged-attention kernels."""
 
-import torch  # noqa: F401  (loads libtorch before our extension links against it)
-
-from pyserve import _C  # noqa: F401  (registers torch.ops.pyserve.*)
-from pyserve import _ops  # noqa: F401  (fake kernels for torch.compile / opcheck)
+# Nothing heavy at import: `pyserve --bad-flag` must fail in milliseconds, not
+# after torch's import. `pyserve._ops` loads torch, the extension (which
+# registers torch.ops.pyserve.*) and the fake kernels; everything that runs
+# kernels imports it.
 
 __all__ = ["LLM", "SamplingParams", "build_info"]
 __version__ = "0.1.0"
@@ -11,6 +11,8 @@ __version__ = "0.1.0"
 
 def build_info() -> dict:
     """What the loaded extension was compiled with: CPU ISA, CUDA and its archs."""
+    from pyserve._ops import _C
+
     return dict(_C.build_info())
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
+import torch  # before the extension: it links against libtorch
+
+from pyserve import _C  # noqa: F401  (registers torch.ops.pyserve.*)
 
 _ops = torch.ops.pyserve
 

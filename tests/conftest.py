@@ -1,4 +1,4 @@
-import pyserve  # noqa: F401  (loads the extension before any test touches torch.ops.pyserve)
+import pyserve._ops  # noqa: F401  (loads the extension before any test touches torch.ops.pyserve)
 import pytest
 import torch
 

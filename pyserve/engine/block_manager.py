@@ -4,7 +4,7 @@ n > 1 samples (copy-on-write of the last partial block), freeing."""
 
 from __future__ import annotations
 
-from pyserve._C import BlockAllocator
+from pyserve._ops import _C
 from pyserve.engine.sequence import Sequence
 
 
@@ -18,7 +18,7 @@ def block_hash(parent: int | None, tokens: list[int]) -> int:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = _C.BlockAllocator(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the next step's copy_blocks
         self.prefix_queries = 0  # prompt tokens looked up

@@ -6,7 +6,7 @@ from collections import Counter, OrderedDict
 
 import pytest
 
-import pyserve  # noqa: F401  (imports torch, then pyserve._C)
+import pyserve._ops  # noqa: F401  (imports torch, then pyserve._C)
 from pyserve._C import BlockAllocator
 
 INT64_MIN = -(2**63)

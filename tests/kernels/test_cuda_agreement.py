@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-import pyserve  # noqa: F401  (registers torch.ops.pyserve.*)
+import pyserve._ops  # noqa: F401  (registers torch.ops.pyserve.*)
 import pytest
 import torch
 

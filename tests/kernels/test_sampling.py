@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import pyserve  # noqa: F401  (loads the extension)
+import pyserve._ops  # noqa: F401  (loads the extension)
 from pyserve import _ops
 from tests.kernels import sampling_reference as ref
 
