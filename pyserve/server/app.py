@@ -40,6 +40,14 @@ def _json(obj, status: int = 200, headers: dict | None = None) -> HTTPResponse:
     return HTTPResponse(orjson.dumps(obj), status=status, headers=headers, content_type="application/json")
 
 
+def _json_body(request) -> dict:
+    """The request's JSON object; 400 for a Content-Type that is not JSON (a missing one is accepted)."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise APIError(400, f"unsupported Content-Type {ctype!r}; send application/json")
+    return protocol.parse_json(request.body)
+
+
 def _error(e: APIError) -> HTTPResponse:
     return _json(e.body(), e.status)
 
@@ -407,7 +415,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
     @api
     async def tokenize(request):
         state.check_live()
-        body = protocol.parse_json(request.body)
+        body = _json_body(request)
         state.check_model(body.get("model"))
         tok = state.tokenizer
         if "messages" in body:
@@ -427,7 +435,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
     @api
     async def detokenize(request):
         state.check_live()
-        body = protocol.parse_json(request.body)
+        body = _json_body(request)
         state.check_model(body.get("model"))
         ids = body.get("tokens")
         vocab = state.engine.model.cfg.vocab_size
@@ -456,7 +464,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
     @api
     async def completions(request):
         state.check_live()
-        req = protocol.parse_completion(protocol.parse_json(request.body))
+        req = protocol.parse_completion(_json_body(request))
         model = state.check_model(req.model)
         tok = state.tokenizer
         cid = f"cmpl-{uuid.uuid4().hex}"
@@ -553,7 +561,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
     @api
     async def chat(request):
         state.check_live()
-        req = protocol.parse_chat(protocol.parse_json(request.body))
+        req = protocol.parse_chat(_json_body(request))
         model = state.check_model(req.model)
         tok = state.tokenizer
         ids = _chat_prompt_ids(req)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from .conftest import Server, http
+from .conftest import SERVER_ARGS, Server, http
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
@@ -145,3 +147,40 @@ def test_garbage_completion_is_400(server, body):
 def test_garbage_tokenize_is_4xx(server, path, body):
     status, resp = http("POST", server.url + path, body)
     assert status in (400, 404) and resp["error"]["message"]
+
+
+# ---- limits and transport-level garbage (issue 6) ----
+
+MAX_MODEL_LEN = int(SERVER_ARGS[SERVER_ARGS.index("--max-model-len") + 1])
+
+
+def test_prompt_plus_max_tokens_at_the_limit(server):
+    """Token-id prompts so the lengths are exact: at --max-model-len is 200, one over is 400."""
+    at = {"prompt": [5] * (MAX_MODEL_LEN - 8), "max_tokens": 8}
+    status, body = http("POST", server.url + "/v1/completions", at)
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 8
+    status, body = http("POST", server.url + "/v1/completions", {**at, "prompt": [5] * (MAX_MODEL_LEN - 7)})
+    _check(status, body, 400, "prompt", "context_length_exceeded")
+    assert str(MAX_MODEL_LEN) in body["error"]["message"] and str(MAX_MODEL_LEN + 1) in body["error"]["message"]
+
+
+def test_ten_megabyte_body(server):
+    raw = json.dumps({"prompt": [1] * (10 * 2 ** 20 // 3 + 1), "max_tokens": 1}).encode()
+    assert len(raw) >= 10 * 2 ** 20
+    status, body = http("POST", server.url + "/v1/completions", raw=raw)
+    assert status in (400, 413), body
+    _check(status, body, status)
+    status, body = http("POST", server.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and body["choices"][0]["text"] is not None
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded"])
+def test_wrong_content_type(server, ctype):
+    raw = json.dumps(CHAT).encode()
+    status, body = http("POST", server.url + "/v1/chat/completions", raw=raw, headers={"Content-Type": ctype})
+    assert status in (400, 415), body
+    _check(status, body, status)
+    status, _ = http("POST", server.url + "/v1/chat/completions", raw=raw,
+                     headers={"Content-Type": "application/json; charset=utf-8"})
+    assert status == 200
