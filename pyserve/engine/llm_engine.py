@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,20 +66,27 @@ def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None,
+                 phase: Callable[[str], AbstractContextManager] | None = None):
+        """phase: wraps each loading step ("weights", "tokenizer", "kv_cache"),
+        e.g. to time it; the server's startup passes its phase timer."""
         self.config = config = config or EngineConfig()
-        self.model = load_model(model, device=config.device, dtype=config.dtype)
+        phase = phase or (lambda name: nullcontext())
+        with phase("weights"):
+            self.model = load_model(model, device=config.device, dtype=config.dtype)
         cfg = self.model.cfg
-        self.tokenizer = load_tokenizer_for(model, cfg.eos_token_ids)
+        with phase("tokenizer"):
+            self.tokenizer = load_tokenizer_for(model, cfg.eos_token_ids)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.num_blocks = self._num_blocks()
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.eos_token_ids)
+        with phase("kv_cache"):
+            self.num_blocks = self._num_blocks()
+            self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+            self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+            self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.eos_token_ids)
         capacity = self.num_blocks * config.block_size
         log.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens: %.1f",
                  self.num_blocks, config.block_size, capacity, self.max_model_len, capacity / self.max_model_len)

@@ -56,6 +56,15 @@ def _sse(obj) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+def _sse_chunk(cid: str, obj: str, created: int, model: str, choices: list, usage: dict | None = None) -> bytes:
+    """One streamed event in OpenAI's chunk shape (completions and chat differ only in `object`)."""
+    c = {"id": cid, "object": obj, "created": created, "model": model,
+         "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+    if usage is not None:
+        c["usage"] = usage
+    return _sse(c)
+
+
 class State:
     def __init__(self, args, t_start: float):
         self.args = args
@@ -504,11 +513,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         resp = await _respond_sse(state, request, rids)
 
         def chunk(choices, usage=None):
-            c = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-            if usage is not None:
-                c["usage"] = usage
-            return _sse(c)
+            return _sse_chunk(cid, "text_completion", created, model, choices, usage)
 
         sent_tokens: dict[tuple[int, int], int] = {}
         sent_chars: dict[tuple[int, int], int] = {}
@@ -589,11 +594,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         resp = await _respond_sse(state, request, rids)
 
         def chunk(choices, usage=None):
-            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
-            if usage is not None:
-                c["usage"] = usage
-            return _sse(c)
+            return _sse_chunk(cid, "chat.completion.chunk", created, model, choices, usage)
 
         n = req.params.n
         await resp.send(chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -49,29 +49,6 @@ class Phases:
         log.info("startup: %s done in %.2f s", name, self.seconds[name])
 
 
-@contextlib.contextmanager
-def _timed_engine_init(phases: Phases):
-    """LLMEngine.__init__ loads weights, then the tokenizer, then sizes the KV cache; time
-    the first two by wrapping the module functions it calls, the rest is the KV cache."""
-    from pyserve.engine import llm_engine
-
-    orig_model, orig_tok = llm_engine.load_model, llm_engine.load_tokenizer_for
-
-    def load_model(*a, **kw):
-        with phases.phase("weights"):
-            return orig_model(*a, **kw)
-
-    def load_tokenizer_for(*a, **kw):
-        with phases.phase("tokenizer"):
-            return orig_tok(*a, **kw)
-
-    llm_engine.load_model, llm_engine.load_tokenizer_for = load_model, load_tokenizer_for
-    try:
-        yield
-    finally:
-        llm_engine.load_model, llm_engine.load_tokenizer_for = orig_model, orig_tok
-
-
 def build_engine(args, phases: Phases):
     from pyserve.config import EngineConfig
     from pyserve.engine.llm_engine import LLMEngine
@@ -82,18 +59,13 @@ def build_engine(args, phases: Phases):
                               block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
-    t = time.perf_counter()
-    with _timed_engine_init(phases):
-        try:
-            engine = LLMEngine(args.model, config)
-        except StartupError:
-            raise
-        except BaseException as e:
-            raise StartupError("kv_cache", e) from e
-    rest = time.perf_counter() - t - phases.seconds.get("weights", 0.0) - phases.seconds.get("tokenizer", 0.0)
-    phases.seconds["kv_cache"] = max(0.0, rest)
-    log.info("startup: kv_cache done in %.2f s (%d blocks of %d tokens)", rest, engine.num_blocks,
-             config.block_size)
+    try:
+        engine = LLMEngine(args.model, config, phase=phases.phase)
+    except StartupError:
+        raise
+    except BaseException as e:  # between the engine's own phases: blame the last one started
+        raise StartupError(phases.current, e) from e
+    log.info("startup: KV cache of %d blocks of %d tokens", engine.num_blocks, config.block_size)
     return engine
 
 
