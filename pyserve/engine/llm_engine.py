@@ -127,12 +127,15 @@ class LLMEngine:
         (safe from any thread). Raises ValueError naming what is wrong."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.encode(prompt)
         else:
             text, ids = None, list(prompt)
         vocab = self.model.cfg.vocab_size
         if not ids:
             raise ValueError("prompt must not be empty")
+        if len(ids) > self.max_model_len:  # before the per-id checks: a huge list costs seconds to walk
+            raise ValueError(f"context_length_exceeded: the prompt has {len(ids)} tokens, more than the maximum "
+                             f"context length of {self.max_model_len}")
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         params.validate_for_vocab(vocab)
@@ -145,6 +148,16 @@ class LLMEngine:
             raise ValueError(f"the request needs {len(ids) + max_tokens} tokens of KV cache but the whole cache "
                              f"holds {self.num_blocks * self.config.block_size}")
         return text, ids, params
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize, refusing (ValueError) a text so long that it cannot fit the context whatever
+        its tokens, without spending the seconds it would take to tokenize it."""
+        limit = self.max_model_len * self.tokenizer.max_bytes_per_token
+        if len(text) > limit:  # characters: a lower bound on its UTF-8 bytes
+            raise ValueError(f"context_length_exceeded: the prompt has {len(text)} characters; at most "
+                             f"{self.tokenizer.max_bytes_per_token} bytes per token, that is more than the "
+                             f"maximum context length of {self.max_model_len} tokens")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     prepared: tuple[str | None, list[int], SamplingParams] | None = None) -> None:

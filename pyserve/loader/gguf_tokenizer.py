@@ -7,6 +7,7 @@ path, size and mtime; later loads are a single `Tokenizer.from_file`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -42,6 +43,17 @@ class GGUFTokenizer:
 
     def token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    @functools.cached_property
+    def max_bytes_per_token(self) -> int:
+        """An upper bound on the input bytes one token can cover, so that a text too long for the
+        context can be refused before it is tokenized (which holds the GIL for ~0.5 s per MB).
+        A vocabulary entry's UTF-8 spelling is never shorter than what it covers (byte-level "Ġ" is
+        2 bytes for 1, "▁" 3 for 1, "<0x41>" 6 for 1); a normalizer may shrink the input (NFKC,
+        stripping), hence the margin."""
+        longest = max((len(t.encode("utf-8")) for t in self.tokenizer.get_vocab(with_added_tokens=True)),
+                      default=1)
+        return longest * (4 if self.tokenizer.normalizer is not None else 1)
 
 
 def default_cache_dir() -> str:

@@ -34,6 +34,8 @@ log = logging.getLogger("pyserve.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SYSTEM_FINGERPRINT = f"fp_pyserve_{pyserve.__version__}"
 OPEN_PATHS = ("/health", "/metrics", "/version")
+# Larger bodies get 413 before they are read: a context of 128k tokens is under 1 MB of JSON.
+MAX_BODY_BYTES = 16 * 2 ** 20
 
 
 def _json(obj, status: int = 200, headers: dict | None = None) -> HTTPResponse:
@@ -79,6 +81,7 @@ class State:
         self.draining = False
         self.inflight = 0  # API requests being handled (drained on SIGTERM)
         self.active = 0  # engine requests added and not yet done
+        self.request_ids: set[str] = set()  # the same requests, for aborting them at shutdown
 
     @property
     def tokenizer(self):
@@ -178,6 +181,7 @@ async def _merged(state: State, rids: list[str], iters: list, trackers: list[_Tr
         for t in tasks:
             t.cancel()
         state.active -= len(rids)
+        state.request_ids.difference_update(rids)
         for rid, tr in zip(rids, trackers):
             if not tr.done:  # the client left (or an error): abort, and count it
                 state.aengine.abort(rid)
@@ -217,6 +221,7 @@ def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: st
             state.aengine.abort(rid)
         raise APIError(503, str(e), type="engine_dead") from None
     state.active += len(rids)
+    state.request_ids.update(rids)
     return rids, iters, [_Tracker() for _ in rids]
 
 
@@ -226,6 +231,7 @@ async def _respond_sse(state: State, request, rids: list[str]):
         return await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     except BaseException:
         state.active -= len(rids)
+        state.request_ids.difference_update(rids)
         for rid in rids:
             state.aengine.abort(rid)
         raise
@@ -275,7 +281,8 @@ def create_app(args, t_start: float | None = None) -> Sanic:
     app.config.ACCESS_LOG = False
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # long generations are not timeouts
     app.config.REQUEST_TIMEOUT = 600
-    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = args.shutdown_timeout
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5.0  # after our own drain (_drain) has ended every request
+    app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.ctx.state = state
 
@@ -311,12 +318,18 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                  args.shutdown_timeout)
 
         async def wait_then_stop():
-            deadline = time.monotonic() + args.shutdown_timeout
-            while state.inflight > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await _wait_inflight(time.monotonic() + args.shutdown_timeout)
             if state.inflight:
-                log.warning("shutdown timeout: aborting %d request(s)", state.inflight)
+                # Aborted requests still end properly: finish_reason "abort", then [DONE].
+                log.warning("shutdown timeout: aborting %d request(s)", len(state.request_ids))
+                for rid in list(state.request_ids):
+                    state.aengine.abort(rid)
+                await _wait_inflight(time.monotonic() + 5.0)
             app.stop(terminate=False)
+
+        async def _wait_inflight(deadline: float) -> None:
+            while state.inflight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
 
         app.add_task(wait_then_stop())
 
@@ -426,7 +439,6 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         state.check_live()
         body = _json_body(request)
         state.check_model(body.get("model"))
-        tok = state.tokenizer
         if "messages" in body:
             ids = _chat_prompt_ids(body)
             add_special = body.get("add_special_tokens", False)
@@ -437,7 +449,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
             add_special = body.get("add_special_tokens", True)
             if not isinstance(add_special, bool):
                 raise APIError(400, "add_special_tokens must be a boolean", param="add_special_tokens")
-            ids = tok.encode(prompt, add_special_tokens=add_special)
+            ids = state.engine.encode(prompt, add_special_tokens=add_special)
         return _json({"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids})
 
     @app.post("/detokenize")
@@ -465,7 +477,10 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                                bos_token=tok.token(tok.bos_token_id) or "", eos_token=tok.token(tok.eos_token_id) or "")
         except ChatTemplateError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        return tok.encode(text, add_special_tokens=False)
+        try:
+            return state.engine.encode(text, add_special_tokens=False)
+        except ValueError as e:
+            raise protocol.from_value_error(e, "messages") from None
 
     # -- completions --
 

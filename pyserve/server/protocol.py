@@ -86,6 +86,7 @@ def _check_unsupported(body: dict) -> None:
         if kind != "text":
             raise APIError(400, f"response_format of type {kind!r} is not supported by this server "
                                 "(only 'text')", param="response_format")
+    _opt(body, "user", str, "a string")  # accepted for OpenAI clients that send it; not used
     bo = body.get("best_of")
     if bo is not None and bo != body.get("n", 1) and bo != 1:
         raise APIError(400, "best_of is not supported by this server", param="best_of")
@@ -219,6 +220,8 @@ def parse_chat(body: dict) -> ChatRequest:
             raise APIError(400, "tool_calls in messages are not supported by this server", param="messages")
         clean.append({"role": "system" if role == "developer" else role,
                       "content": _message_content(i, m.get("content"))})
+    if _opt(body, "echo", bool, "a boolean"):  # vLLM's chat extra; not implemented here
+        raise APIError(400, "echo is not supported for chat completions by this server", param="echo")
     stream, include_usage = _stream_options(body)
     want_lp = _opt(body, "logprobs", bool, "a boolean") or False
     top = body.get("top_logprobs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -184,3 +185,63 @@ def test_wrong_content_type(server, ctype):
     status, _ = http("POST", server.url + "/v1/chat/completions", raw=raw,
                      headers={"Content-Type": "application/json; charset=utf-8"})
     assert status == 200
+
+
+def test_ten_megabyte_string_prompt_refused_untokenized(server):
+    """Tokenizing 10 MB would hold the event loop for seconds; its length alone rules it out."""
+    big = "lorem ipsum dolor sit amet " * (10 * 2 ** 20 // 27)
+    for path, body in (("/v1/completions", {"prompt": big, "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}]}),
+                       ("/tokenize", {"prompt": big})):
+        status, resp = http("POST", server.url + path, body)
+        _check(status, resp, 400, None, "context_length_exceeded")
+        assert "characters" in resp["error"]["message"], resp
+    status, body = http("POST", server.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200
+
+
+def test_body_over_the_size_limit_413(server):
+    """Refused from its Content-Length alone, before the body is read (so send none)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (17 * 2 ** 20) + b'{"prompt": "aaaa')
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    _check(413, json.loads(payload), 413)
+    assert http("GET", server.url + "/health")[0] == 200
+
+
+# Every field each endpoint reads, with a value of the wrong type (a number where a string is due and
+# so on): 400 naming that field.
+COMMON_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stop", "seed",
+                 "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos",
+                 "min_tokens", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+                 "stream_options", "user", "logprobs"]
+WRONG = [{"x": 1}, [None], 1.5]
+
+
+@pytest.mark.parametrize("field", COMMON_FIELDS + ["echo", "prompt"])
+def test_wrong_type_completions(server, field):
+    for wrong in WRONG:
+        if field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty") and wrong == 1.5:
+            wrong = "high"
+        body = {"prompt": "hi", "max_tokens": 2, field: wrong}
+        _check(*http("POST", server.url + "/v1/completions", body), 400, field)
+
+
+@pytest.mark.parametrize("field", COMMON_FIELDS + ["messages", "max_completion_tokens", "top_logprobs",
+                                                   "add_generation_prompt", "echo", "response_format"])
+def test_wrong_type_chat(server, field):
+    for wrong in WRONG:
+        if field in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty") and wrong == 1.5:
+            wrong = "high"
+        body = {**CHAT, "logprobs": True, field: wrong} if field == "top_logprobs" else {**CHAT, field: wrong}
+        _check(*http("POST", server.url + "/v1/chat/completions", body), 400, field)

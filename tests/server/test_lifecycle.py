@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from .conftest import REPO, SERVER_ARGS, Server, free_port, http, server_env
 
 
@@ -102,5 +104,59 @@ def test_queue_full_429():
         assert status == 429 and body["error"]["code"] == "queue_full"
         for c in conns:
             c.close()
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_with_zero_timeout_aborts_and_exits_0(sig):
+    s = Server("--shutdown-timeout", "0").wait_ready()
+    try:
+        conn = httpclient.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 1500, "ignore_eos": True,
+                                                            "stream": True}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        s.proc.send_signal(sig)
+        rest = resp.read().decode()  # the stream still ends properly, cut short
+        assert rest.rstrip().endswith("data: [DONE]"), rest[-500:]
+        assert '"finish_reason":"abort"' in rest
+        assert rest.count('"finish_reason":"length"') == 0
+        assert s.proc.wait(timeout=30) == 0, s.output()[-2000:]
+    finally:
+        s.stop()
+
+
+def test_burst_beyond_the_queue_429_and_every_accepted_one_completes():
+    s = Server("--max-num-seqs", "2", "--max-queued-requests", "2").wait_ready()
+    try:
+        results: list[tuple[int, dict]] = []
+        go = threading.Event()
+
+        def one():
+            go.wait()
+            results.append(http("POST", s.url + "/v1/completions",
+                                {"prompt": "Count to ten:", "max_tokens": 24, "ignore_eos": True}))
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for t in threads:
+            t.start()
+        go.set()
+        for t in threads:
+            t.join(120)
+        statuses = sorted(st for st, _ in results)
+        assert len(results) == 12 and set(statuses) <= {200, 429}, statuses
+        ok = [b for st, b in results if st == 200]
+        rejected = [b for st, b in results if st == 429]
+        assert len(ok) >= 4 and rejected, statuses  # 2 running + 2 queued at least; the rest over the limit
+        for b in ok:
+            assert b["choices"][0]["finish_reason"] == "length" and b["usage"]["completion_tokens"] == 24, b
+        for b in rejected:
+            assert b["error"]["code"] == "queue_full" and b["error"]["type"] == "rate_limit_exceeded", b
+        deadline = time.monotonic() + 20
+        while (_metric(s, "pyserve:num_requests_running") or _metric(s, "pyserve:kv_cache_usage_perc")) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _metric(s, "pyserve:num_requests_running") == 0 and _metric(s, "pyserve:kv_cache_usage_perc") == 0
     finally:
         s.stop()
