@@ -112,9 +112,9 @@ class State:
 
 def startup(state: State) -> None:
     ph = state.phases
+    # "import": everything before the first phase: the interpreter, torch, sanic, the app.
     age = process_age()
-    if age is not None:
-        ph.seconds["import"] = max(0.0, age - (time.time() - state.t_start))
+    ph.seconds["import"] = age if age is not None else time.time() - state.t_start
     state.engine = build_engine(state.args, ph)
     with ph.phase("warmup"):
         warm_up(state.engine)
