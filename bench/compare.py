@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import json
 import math
 import os
@@ -262,7 +261,7 @@ def bench_server(backend: str, c: int, gguf: str, prompts: list[str], warm: list
     res.update(backend=backend, concurrency=c, command=srv.cmd, startup_s=srv.startup_s,
                warmup_failed=w["failed"], log=str(srv.log_path))
     log(f"{backend} c={c}: {res['output_throughput']:.1f} tok/s, {res['failed']} failed, "
-        f"TTFT p50 {res['ttft_ms']['p50'] or float('nan'):.0f} ms, TPOT p50 {res['tpot_ms']['p50'] or float('nan'):.1f} ms")
+        f"TTFT p50 {_fmt(res['ttft_ms']['p50'], '.0f')} ms, TPOT p50 {_fmt(res['tpot_ms']['p50'])} ms")
     if res["errors"]:
         log(f"errors: {res['errors']}")
     return res
@@ -446,9 +445,10 @@ def print_table(results: list[dict], bare: dict | None, bare_hf: dict | None) ->
     for r in sorted(results, key=lambda r: (r["concurrency"], BACKENDS.index(r["backend"]))):
         c = r["concurrency"]
         ratio = ours[c] / r["output_throughput"] if c in ours and r["output_throughput"] else None
+        ttft, tpot = r.get("ttft_ms") or {}, r.get("tpot_ms") or {}
         rows.append(f"| {r['backend']} | {c} | {r['output_throughput']:.1f} | {r['request_throughput']:.2f} | "
-                    f"{_fmt((r.get('ttft_ms') or {}).get('p50'), '.0f')} | {_fmt((r.get('ttft_ms') or {}).get('p99'), '.0f')} | "
-                    f"{_fmt((r.get('tpot_ms') or {}).get('p50'))} | {r['failed']} | "
+                    f"{_fmt(ttft.get('p50'), '.0f')} | {_fmt(ttft.get('p99'), '.0f')} | "
+                    f"{_fmt(tpot.get('p50'))} | {r['failed']} | "
                     f"{'-' if ratio is None else f'{ratio:.2f}x'} |")
     if bare:
         rows.append("")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -225,8 +226,7 @@ class OpenAIClient:
         else:
             s = await self.client.completions.create(**body, extra_body=extra or None)
         async for ch in s:
-            # hand back a dict, as the raw client does (model_dump costs CPU, but so does the SDK anyway)
-            yield time.perf_counter(), ch
+            yield time.perf_counter(), ch  # a pydantic chunk object; _get reads both it and dicts
 
     async def close(self):
         await self.client.close()
@@ -245,29 +245,30 @@ async def _one_request(client, path: str, body: dict, chat: bool, max_tokens: in
     usage_tokens = None
     parts: list[str] = []
     try:
-        async for t, payload in client.stream(path, body):
-            ev = json.loads(payload) if isinstance(payload, (bytes, str)) else payload
-            err = _get(ev, "error")
-            if err:
-                raise HTTPError(f"error event: {json.dumps(err)[:300] if isinstance(err, dict) else err}")
-            usage = _get(ev, "usage")
-            if usage:
-                ct = _get(usage, "completion_tokens")
-                usage_tokens = ct if ct is not None else usage_tokens
-                r.prompt_tokens = _get(usage, "prompt_tokens")
-            for c in _get(ev, "choices") or ():
-                text = _get(_get(c, "delta") or {}, "content") if chat else _get(c, "text")
-                if text:
-                    if last is None:
-                        r.ttft = t - t0
-                    else:
-                        r.itl.append(t - last)
-                    last = t
-                    r.chunks += 1
-                    if keep_text:
-                        parts.append(text)
-                if _get(c, "finish_reason"):
-                    r.finish_reason = _get(c, "finish_reason")
+        async with contextlib.aclosing(client.stream(path, body)) as events:
+            async for t, payload in events:
+                ev = json.loads(payload) if isinstance(payload, (bytes, str)) else payload
+                err = _get(ev, "error")
+                if err:
+                    raise HTTPError(f"error event: {json.dumps(err)[:300] if isinstance(err, dict) else err}")
+                usage = _get(ev, "usage")
+                if usage:
+                    ct = _get(usage, "completion_tokens")
+                    usage_tokens = ct if ct is not None else usage_tokens
+                    r.prompt_tokens = _get(usage, "prompt_tokens")
+                for c in _get(ev, "choices") or ():
+                    text = _get(_get(c, "delta") or {}, "content") if chat else _get(c, "text")
+                    if text:
+                        if last is None:
+                            r.ttft = t - t0
+                        else:
+                            r.itl.append(t - last)
+                        last = t
+                        r.chunks += 1
+                        if keep_text:
+                            parts.append(text)
+                    if _get(c, "finish_reason"):
+                        r.finish_reason = _get(c, "finish_reason")
         r.latency = time.perf_counter() - t0
         if usage_tokens is not None:
             r.output_tokens, r.token_source = usage_tokens, "usage"

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("server_args", nargs="*", help="after --: more flags for `python -m pyserve`")
     a = ap.parse_args(argv)
 
-    print(f"warm-up round (untimed) ...", flush=True)
+    print("warm-up round (untimed) ...", flush=True)
     time_import_torch()
     time_server(a.model, a.server_args, a.poll_ms / 1000, a.timeout)
     torch_s, runs = [], []
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
            "target_s": target, "target_met": r_med < target}
 
     print()
-    print(f"| | median s | min s | max s |")
-    print(f"| --- | ---: | ---: | ---: |")
+    print("| | median s | min s | max s |")
+    print("| --- | ---: | ---: | ---: |")
     print(f"| `python -c 'import torch'` | {t_med:.3f} | {min(torch_s):.3f} | {max(torch_s):.3f} |")
     print(f"| `python -m pyserve` to /health 200 | {r_med:.3f} | {min(ready):.3f} | {max(ready):.3f} |")
     if server_ready:
