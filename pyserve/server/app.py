@@ -226,9 +226,12 @@ def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: st
 
 
 async def _respond_sse(state: State, request, rids: list[str]):
-    """Start the event stream; if that fails (the client is gone), give the requests back."""
+    """Start the event stream and send its headers now, so that a request waiting in the queue is
+    already a 200 to its client; if that fails (the client is gone), give the requests back."""
     try:
-        return await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        resp = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await resp.send(b"")
+        return resp
     except BaseException:
         state.active -= len(rids)
         state.request_ids.difference_update(rids)
