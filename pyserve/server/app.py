@@ -537,6 +537,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         sent_chars: dict[tuple[int, int], int] = {}
         prompt_tokens = {}
         completion_tokens: dict[tuple[int, int], int] = {}
+        generated: dict[tuple[int, int], int] = {}  # tokens so far, for continuous_usage_stats
         cached = {}
         try:
             async with contextlib.aclosing(_merged(state, rids, iters, trackers)) as stream:
@@ -546,6 +547,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                     choices = []
                     for o in out.outputs:
                         key = (i, o.index)
+                        generated[key] = len(o.token_ids)
                         if key in completion_tokens and key not in sent_tokens:
                             continue  # already finished
                         first = key not in sent_chars
@@ -568,7 +570,9 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                             completion_tokens[key] = len(o.token_ids)
                             del sent_tokens[key]
                     if choices:
-                        await resp.send(chunk(choices))
+                        usage = (_usage(sum(prompt_tokens.values()), sum(generated.values()), sum(cached.values()))
+                                 if req.continuous_usage else None)
+                        await resp.send(chunk(choices, usage))
             if req.include_usage:
                 await resp.send(chunk([], _usage(sum(prompt_tokens.values()), sum(completion_tokens.values()),
                                                  sum(cached.values()))))
@@ -616,7 +620,8 @@ def create_app(args, t_start: float | None = None) -> Sanic:
 
         n = req.params.n
         await resp.send(chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None} for k in range(n)]))
+                                "finish_reason": None} for k in range(n)],
+                              _usage(len(ids), 0) if req.continuous_usage else None))
         sent_tokens = [0] * n
         done = [False] * n
         last = None
@@ -644,7 +649,9 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                                         "stop_reason": o.stop_reason if o.finished else None})
                         done[o.index] = o.finished
                     if choices:
-                        await resp.send(chunk(choices))
+                        usage = (_usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs),
+                                        out.num_cached_tokens) if req.continuous_usage else None)
+                        await resp.send(chunk(choices, usage))
             if req.include_usage and last is not None:
                 await resp.send(chunk([], _usage(len(last.prompt_token_ids),
                                                  sum(len(o.token_ids) for o in last.outputs),

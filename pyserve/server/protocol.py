@@ -99,17 +99,24 @@ def _opt(body: dict, name: str, expected: type | tuple, what: str):
     return v
 
 
-def _stream_options(body: dict) -> tuple[bool, bool]:
+def _stream_options(body: dict) -> tuple[bool, bool, bool]:
+    """stream, include_usage (a last chunk with the totals), continuous_usage_stats (vLLM: usage so far
+    in every chunk)."""
     stream = _opt(body, "stream", bool, "a boolean") or False
     so = body.get("stream_options")
-    include_usage = False
-    if so is not None:
-        if not isinstance(so, dict):
-            raise APIError(400, "stream_options must be an object", param="stream_options")
-        if not stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
-        include_usage = bool(so.get("include_usage", False))
-    return stream, include_usage
+    if so is None:
+        return stream, False, False
+    if not isinstance(so, dict):
+        raise APIError(400, "stream_options must be an object", param="stream_options")
+    if not stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    flags = []
+    for name in ("include_usage", "continuous_usage_stats"):
+        v = so.get(name, False)
+        if not isinstance(v, bool) and v is not None:
+            raise APIError(400, f"stream_options.{name} must be a boolean, got {v!r}", param="stream_options")
+        flags.append(bool(v))
+    return stream, flags[0], flags[0] and flags[1]
 
 
 def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -146,6 +153,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     echo: bool
+    continuous_usage: bool = False
 
 
 @dataclass
@@ -157,6 +165,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked
+    continuous_usage: bool = False
 
 
 def _model(body: dict) -> str | None:
@@ -179,13 +188,13 @@ def parse_completion(body: dict) -> CompletionRequest:
     else:
         raise APIError(400, "prompt must be a string, a list of strings, a list of token ids "
                             "or a list of token-id lists (non-empty)", param="prompt")
-    stream, include_usage = _stream_options(body)
+    stream, include_usage, continuous_usage = _stream_options(body)
     lp = body.get("logprobs")
     if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int)):
         raise APIError(400, f"logprobs must be an integer, got {lp!r}", param="logprobs")
     echo = _opt(body, "echo", bool, "a boolean") or False
     params = sampling_params(body, _max_tokens(body, ("max_tokens",), 16), lp)
-    return CompletionRequest(_model(body), prompts, params, stream, include_usage, echo)
+    return CompletionRequest(_model(body), prompts, params, stream, include_usage, echo, continuous_usage)
 
 
 def _message_content(i: int, content: Any) -> str:
@@ -222,7 +231,7 @@ def parse_chat(body: dict) -> ChatRequest:
                       "content": _message_content(i, m.get("content"))})
     if _opt(body, "echo", bool, "a boolean"):  # vLLM's chat extra; not implemented here
         raise APIError(400, "echo is not supported for chat completions by this server", param="echo")
-    stream, include_usage = _stream_options(body)
+    stream, include_usage, continuous_usage = _stream_options(body)
     want_lp = _opt(body, "logprobs", bool, "a boolean") or False
     top = body.get("top_logprobs")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
@@ -236,4 +245,4 @@ def parse_chat(body: dict) -> ChatRequest:
     if not isinstance(add_gen, bool):
         raise APIError(400, "add_generation_prompt must be a boolean", param="add_generation_prompt")
     params = sampling_params(body, _max_tokens(body, ("max_completion_tokens", "max_tokens"), None), n_lp)
-    return ChatRequest(_model(body), clean, add_gen, params, stream, include_usage, n_lp)
+    return ChatRequest(_model(body), clean, add_gen, params, stream, include_usage, n_lp, continuous_usage)

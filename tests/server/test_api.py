@@ -176,3 +176,30 @@ def test_chat_stop(client):
                                        messages=[{"role": "user", "content": "Count from 1 to 20, comma separated."}],
                                        stop=["5"])
     assert r.choices[0].finish_reason == "stop" and "5" not in r.choices[0].message.content
+
+
+def _sse_chunks(server, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[6:]) for e in events[:-1]]
+
+
+def test_continuous_usage_stats(server):
+    """vLLM's stream_options.continuous_usage_stats: the usage so far in every chunk."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for path, body in (("/v1/completions", {"prompt": "Hello", "max_tokens": 5, "ignore_eos": True}),
+                       ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5, "ignore_eos": True})):
+        chunks = _sse_chunks(server, path, {**body, "stream": True, "stream_options": options})
+        with_text = [c for c in chunks if c["choices"]]
+        assert all(c.get("usage") for c in with_text), with_text
+        counts = [c["usage"]["completion_tokens"] for c in with_text]
+        assert counts == sorted(counts) and counts[-1] == 5, counts
+        assert not chunks[-1]["choices"] and chunks[-1]["usage"]["completion_tokens"] == 5
+        prompt = {c["usage"]["prompt_tokens"] for c in chunks}
+        assert len(prompt) == 1 and prompt.pop() > 0
+        # include_usage alone: usage only in the last chunk.
+        chunks = _sse_chunks(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        assert all(c.get("usage") is None for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] == 5

@@ -124,6 +124,8 @@ CHAT_CASES = [
     {**CHAT, "max_completion_tokens": -3},
     {**CHAT, "min_tokens": 5, "max_tokens": 2},
     {**CHAT, "stop_token_ids": [10 ** 9]},
+    {**CHAT, "stream": True, "stream_options": {"include_usage": "yes"}},
+    {**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": 1}},
 ]
 COMPLETION_CASES = [
     {"prompt": [[]]}, {"prompt": [1, "a"]}, {"prompt": []}, {"prompt": [10 ** 9]}, {"prompt": "x", "logprobs": 50},
