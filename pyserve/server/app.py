@@ -34,6 +34,8 @@ log = logging.getLogger("pyserve.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SYSTEM_FINGERPRINT = f"fp_pyserve_{pyserve.__version__}"
 OPEN_PATHS = ("/health", "/metrics", "/version")
+# After --shutdown-timeout, how long aborted requests get to send their last chunk.
+ABORT_GRACE_SECONDS = 5.0
 # Larger bodies get 413 before they are read: a context of 128k tokens is under 1 MB of JSON.
 MAX_BODY_BYTES = 16 * 2 ** 20
 
@@ -80,8 +82,7 @@ class State:
         self.ready_seconds: float | None = None
         self.draining = False
         self.inflight = 0  # API requests being handled (drained on SIGTERM)
-        self.active = 0  # engine requests added and not yet done
-        self.request_ids: set[str] = set()  # the same requests, for aborting them at shutdown
+        self.request_ids: set[str] = set()  # engine requests added and not yet done
 
     @property
     def tokenizer(self):
@@ -104,8 +105,9 @@ class State:
         limit = self.args.max_queued_requests
         if limit is None:
             return
-        waiting = max(self.aengine.stats().num_waiting, self.active - self.args.max_num_seqs)
-        if max(0, waiting) + new_requests > limit + max(0, self.args.max_num_seqs - self.active):
+        active = len(self.request_ids)
+        waiting = max(self.aengine.stats().num_waiting, active - self.args.max_num_seqs)
+        if max(0, waiting) + new_requests > limit + max(0, self.args.max_num_seqs - active):
             raise APIError(429, f"too many requests waiting (--max-queued-requests {limit}); retry later",
                            type="rate_limit_exceeded", code="queue_full")
 
@@ -180,7 +182,6 @@ async def _merged(state: State, rids: list[str], iters: list, trackers: list[_Tr
     finally:
         for t in tasks:
             t.cancel()
-        state.active -= len(rids)
         state.request_ids.difference_update(rids)
         for rid, tr in zip(rids, trackers):
             if not tr.done:  # the client left (or an error): abort, and count it
@@ -220,7 +221,6 @@ def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: st
         for rid in rids:
             state.aengine.abort(rid)
         raise APIError(503, str(e), type="engine_dead") from None
-    state.active += len(rids)
     state.request_ids.update(rids)
     return rids, iters, [_Tracker() for _ in rids]
 
@@ -233,7 +233,6 @@ async def _respond_sse(state: State, request, rids: list[str]):
         await resp.send(b"")
         return resp
     except BaseException:
-        state.active -= len(rids)
         state.request_ids.difference_update(rids)
         for rid in rids:
             state.aengine.abort(rid)
@@ -284,7 +283,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
     app.config.ACCESS_LOG = False
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # long generations are not timeouts
     app.config.REQUEST_TIMEOUT = 600
-    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 5.0  # after our own drain (_drain) has ended every request
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = ABORT_GRACE_SECONDS  # after our own drain (_drain) ended every request
     app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.ctx.state = state
@@ -327,7 +326,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                 log.warning("shutdown timeout: aborting %d request(s)", len(state.request_ids))
                 for rid in list(state.request_ids):
                     state.aengine.abort(rid)
-                await _wait_inflight(time.monotonic() + 5.0)
+                await _wait_inflight(time.monotonic() + ABORT_GRACE_SECONDS)
             app.stop(terminate=False)
 
         async def _wait_inflight(deadline: float) -> None:
