@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = ["reshape_and_cache", "compute_slot_mapping", "paged_attention", "copy_blocks", "sample"]
+OPS = ["reshape_and_cache", "compute_slot_mapping", "paged_attention", "copy_blocks", "sample", "rms_norm",
+       "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"]
 
 
 def main() -> int:

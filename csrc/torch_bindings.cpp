@@ -21,4 +21,8 @@ TORCH_LIBRARY(pyserve, m) {
       "Tensor presence_penalty, Tensor frequency_penalty, Tensor? prompt_token_ids, "
       "Tensor? output_token_ids, Tensor? logit_bias_ids, Tensor? logit_bias_values, "
       "int num_top_logprobs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
+  m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("silu_and_mul(Tensor input) -> Tensor");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
 }

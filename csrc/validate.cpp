@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace pyserve {
 namespace {
 
@@ -196,6 +198,83 @@ void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const
   }
   TORCH_CHECK(num_top_logprobs >= 0 && num_top_logprobs <= vocab, "num_top_logprobs must be in [0, vocab=", vocab,
               "], got ", num_top_logprobs);
+}
+
+static void check_norm_weight(const at::Tensor& weight, const at::Tensor& input, const char* input_name, double eps) {
+  check_dim(weight, "weight", 1, "[hidden]");
+  TORCH_CHECK(weight.size(0) == input.size(1), "weight has ", weight.size(0), " entries but ", input_name, " rows have ",
+              input.size(1));
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(), " differs from ",
+              input_name, " dtype ", input.scalar_type());
+  check_contiguous(weight, "weight");
+  check_same_device(weight, "weight", input, input_name);
+  TORCH_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+}
+
+static void check_float_rows(const at::Tensor& t, const char* name, const char* shape) {
+  check_dim(t, name, 2, shape);
+  TORCH_CHECK(is_float_type(t.scalar_type()), name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, name, " must have dense rows (stride(1) == 1), got strides ",
+              t.strides());
+}
+
+void check_rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
+  check_float_rows(input, "input", "[num_tokens, hidden]");
+  check_norm_weight(weight, input, "input", eps);
+}
+
+void check_fused_add_rms_norm(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
+                              double eps) {
+  check_float_rows(input, "input", "[num_tokens, hidden]");
+  check_contiguous(input, "input");
+  check_dim(residual, "residual", 2, "[num_tokens, hidden]");
+  TORCH_CHECK(residual.sizes() == input.sizes(), "residual shape ", residual.sizes(), " differs from input shape ",
+              input.sizes());
+  TORCH_CHECK(residual.scalar_type() == input.scalar_type(), "residual dtype ", residual.scalar_type(),
+              " differs from input dtype ", input.scalar_type());
+  check_contiguous(residual, "residual");
+  check_same_device(residual, "residual", input, "input");
+  check_norm_weight(weight, input, "input", eps);
+}
+
+void check_silu_and_mul(const at::Tensor& input) {
+  check_float_rows(input, "input", "[num_tokens, 2 * d]");
+  TORCH_CHECK(input.size(1) % 2 == 0, "input's last dimension must be even ([gate | up]), got ", input.size(1));
+}
+
+void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& cos, const at::Tensor& sin) {
+  check_dim(query, "query", 3, "[num_tokens, num_heads, head_dim]");
+  check_dim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
+  TORCH_CHECK(is_float_type(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
+              query.scalar_type());
+  TORCH_CHECK(key.scalar_type() == query.scalar_type(), "key dtype ", key.scalar_type(), " differs from query dtype ",
+              query.scalar_type());
+  check_dense_rows(query, "query");
+  check_dense_rows(key, "key");
+  const int64_t num_tokens = query.size(0), head_dim = query.size(2);
+  TORCH_CHECK(key.size(0) == num_tokens, "key has ", key.size(0), " tokens but query has ", num_tokens);
+  TORCH_CHECK(key.size(2) == head_dim, "key head_dim ", key.size(2), " differs from query head_dim ", head_dim);
+  TORCH_CHECK(head_dim % 2 == 0, "head_dim must be even, got ", head_dim);
+  check_dim(positions, "positions", 1, "[num_tokens]");
+  check_dtype(positions, "positions", at::kLong);
+  check_contiguous(positions, "positions");
+  TORCH_CHECK(positions.size(0) == num_tokens, "positions has ", positions.size(0), " entries but query has ",
+              num_tokens, " tokens");
+  auto check_table = [&](const at::Tensor& t, const char* name) {
+    check_dim(t, name, 2, "[max_positions, head_dim / 2]");
+    TORCH_CHECK(t.size(1) == head_dim / 2, name, " must have head_dim / 2 = ", head_dim / 2, " columns, got ",
+                t.size(1));
+    TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " dtype ", t.scalar_type(),
+                " differs from query dtype ", query.scalar_type());
+    check_contiguous(t, name);
+    check_same_device(t, name, query, "query");
+  };
+  check_table(cos, "cos");
+  check_table(sin, "sin");
+  TORCH_CHECK(sin.size(0) == cos.size(0), "sin has ", sin.size(0), " positions but cos has ", cos.size(0));
+  check_same_device(key, "key", query, "query");
+  check_same_device(positions, "positions", query, "query");
 }
 
 }  // namespace pyserve

@@ -30,4 +30,14 @@ void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const
                   const c10::optional<at::Tensor>& output_token_ids, const c10::optional<at::Tensor>& logit_bias_ids,
                   const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs);
 
+void check_rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);
+
+void check_fused_add_rms_norm(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
+                              double eps);
+
+void check_silu_and_mul(const at::Tensor& input);
+
+void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& cos, const at::Tensor& sin);
+
 }  // namespace pyserve

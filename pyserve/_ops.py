@@ -97,6 +97,41 @@ def sample(
     )
 
 
+def rms_norm(
+    input: torch.Tensor,  # [num_tokens, hidden], dense rows
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> torch.Tensor:
+    """weight * input / sqrt(mean(input^2) + eps) per row: [num_tokens, hidden]."""
+    return _ops.rms_norm(input, weight, eps)
+
+
+def fused_add_rms_norm(
+    input: torch.Tensor,  # [num_tokens, hidden], contiguous; becomes the normalized sum
+    residual: torch.Tensor,  # [num_tokens, hidden], contiguous; becomes input + residual
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> None:
+    """residual += input; input = rms_norm(residual) (both in place)."""
+    _ops.fused_add_rms_norm(input, residual, weight, eps)
+
+
+def silu_and_mul(input: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] = [gate | up]
+    """silu(gate) * up: [num_tokens, d]."""
+    return _ops.silu_and_mul(input)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], dense rows
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], dense rows
+    cos: torch.Tensor,  # [max_positions, head_dim / 2]
+    sin: torch.Tensor,  # [max_positions, head_dim / 2]
+) -> None:
+    """Rotate-half rotary embedding of every query and key head, in place."""
+    _ops.rotary_embedding(positions, query, key, cos, sin)
+
+
 @torch.library.register_fake("pyserve::compute_slot_mapping")
 def _compute_slot_mapping_fake(block_tables, seq_lens, query_start_loc, block_size, num_tokens):
     out = block_tables.new_empty((num_tokens,), dtype=torch.int64)
@@ -129,3 +164,23 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, seeds, steps, repetit
         logits.new_empty((batch, num_top_logprobs), dtype=torch.int64),
         logits.new_empty((batch, num_top_logprobs), dtype=torch.float32),
     )
+
+
+@torch.library.register_fake("pyserve::rms_norm")
+def _rms_norm_fake(input, weight, eps):
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("pyserve::fused_add_rms_norm")
+def _fused_add_rms_norm_fake(input, residual, weight, eps):
+    return None
+
+
+@torch.library.register_fake("pyserve::silu_and_mul")
+def _silu_and_mul_fake(input):
+    return input.new_empty((input.shape[0], input.shape[1] // 2))
+
+
+@torch.library.register_fake("pyserve::rotary_embedding")
+def _rotary_embedding_fake(positions, query, key, cos, sin):
+    return None

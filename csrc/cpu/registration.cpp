@@ -8,4 +8,8 @@ TORCH_LIBRARY_IMPL(pyserve, CPU, m) {
   m.impl("paged_attention", &pyserve::cpu::paged_attention);
   m.impl("copy_blocks", &pyserve::cpu::copy_blocks);
   m.impl("sample", &pyserve::cpu::sample);
+  m.impl("rms_norm", &pyserve::cpu::rms_norm);
+  m.impl("fused_add_rms_norm", &pyserve::cpu::fused_add_rms_norm);
+  m.impl("silu_and_mul", &pyserve::cpu::silu_and_mul);
+  m.impl("rotary_embedding", &pyserve::cpu::rotary_embedding);
 }

@@ -8,4 +8,8 @@ TORCH_LIBRARY_IMPL(pyserve, CUDA, m) {
   m.impl("paged_attention", &pyserve::cuda::paged_attention);
   m.impl("copy_blocks", &pyserve::cuda::copy_blocks);
   m.impl("sample", &pyserve::cuda::sample);
+  m.impl("rms_norm", &pyserve::cuda::rms_norm);
+  m.impl("fused_add_rms_norm", &pyserve::cuda::fused_add_rms_norm);
+  m.impl("silu_and_mul", &pyserve::cuda::silu_and_mul);
+  m.impl("rotary_embedding", &pyserve::cuda::rotary_embedding);
 }

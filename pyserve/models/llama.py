@@ -4,7 +4,8 @@ One forward runs a flat batch of tokens from many sequences — prefill chunks
 and single-token decodes mixed — against the paged KV cache. Attention and
 cache writes go through pyserve._C; matmuls are torch's. Weights arrive in
 Hugging Face naming (the GGUF loader translates to it); q/k/v and gate/up are
-fused at load time so each layer runs two big matmuls instead of five.
+fused at load time so each layer runs two big matmuls instead of five, and
+every matmul weight is laid out for its library once (models/linear.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from pyserve import _ops
 from pyserve.config import ModelConfig
 from pyserve.loader.hf import ModelLoadError
+from pyserve.models.linear import Linear
+from pyserve.models.prefault import populate_in_background
 from pyserve.models.rotary import RotaryEmbedding
 
 
@@ -33,16 +36,6 @@ class AttentionMetadata:
 
 class MissingWeightError(ModelLoadError):
     """A weight the architecture needs is absent or has the wrong shape."""
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        # torch's fused kernel: one pass instead of five elementwise ops (bit-identical in fp32).
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    # Half precision: normalize in fp32 and round before the weight, as HF does.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class LlamaLayer:
@@ -75,15 +68,15 @@ class LlamaLayer:
         self.cfg = cfg
         self.input_norm = take("input_layernorm.weight")
         self.post_attention_norm = take("post_attention_layernorm.weight")
-        self.qkv = torch.cat([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
-                              take("self_attn.v_proj.weight")])
-        self.qkv_bias = None
+        qkv_bias = None
         if cfg.qkv_bias:
-            self.qkv_bias = torch.cat([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"),
-                                       take("self_attn.v_proj.bias")])
-        self.o = take("self_attn.o_proj.weight")
-        self.gate_up = torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")])
-        self.down = take("mlp.down_proj.weight")
+            qkv_bias = torch.cat([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"),
+                                  take("self_attn.v_proj.bias")])
+        self.qkv = Linear(torch.cat([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
+                                     take("self_attn.v_proj.weight")]), qkv_bias)
+        self.o = Linear(take("self_attn.o_proj.weight"))
+        self.gate_up = Linear(torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]))
+        self.down = Linear(take("mlp.down_proj.weight"))
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
@@ -92,23 +85,24 @@ class LlamaLayer:
                  rotary: RotaryEmbedding, kv_cache: tuple[torch.Tensor, torch.Tensor],
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        residual = h if residual is None else h + residual
-        x = rms_norm(residual, self.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        if residual is None:  # first layer: the embeddings are the residual stream
+            residual, x = h, _ops.rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+        else:  # residual += h; x = norm(residual), in place
+            _ops.fused_add_rms_norm(h, residual, self.input_norm, cfg.rms_norm_eps)
+            x = h
+        qkv = self.qkv(x)
         n = qkv.shape[0]
         q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rotary(positions, q, k)
+        rotary(positions, q, k)  # in place, inside qkv
         key_cache, value_cache = kv_cache
         _ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
         attn = _ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                     meta.query_start_loc, self.scale, meta.max_seq_len)
-        h = F.linear(attn.view(n, self.q_size), self.o)
-        residual = h + residual
-        x = rms_norm(residual, self.post_attention_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down), residual
+        h = self.o(attn.view(n, self.q_size))
+        _ops.fused_add_rms_norm(h, residual, self.post_attention_norm, cfg.rms_norm_eps)
+        return self.down(_ops.silu_and_mul(self.gate_up(h))), residual
 
 
 class LlamaModel:
@@ -138,7 +132,7 @@ class LlamaModel:
         elif tuple(lm_head.shape) != tuple(self.embed.shape):
             raise MissingWeightError(f"lm_head.weight has shape {tuple(lm_head.shape)}, the config implies "
                                      f"{tuple(self.embed.shape)}")
-        self.lm_head = lm_head
+        self.lm_head = Linear(lm_head)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope,
                                       device, dtype)
 
@@ -154,8 +148,8 @@ class LlamaModel:
             h, residual = layer(h, residual, positions, self.rotary, kv_cache, meta)
         # Only the rows that need logits pay for the final norm and the vocab matmul.
         h = (h + residual)[logits_indices]
-        h = rms_norm(h, self.norm, self.cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        h = _ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        return self.lm_head(h).float()
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
@@ -163,9 +157,14 @@ class LlamaModel:
         layers = self.cfg.num_layers
         if self.device.type == "cpu":
             # An anonymous mapping is zero-filled by the kernel a page at a time, on first touch, so a
-            # cache of gigabytes costs nothing at startup (torch.zeros writes every byte: ~0.3 s/GiB).
+            # cache of gigabytes costs nothing at startup (torch.zeros writes every byte: ~0.3 s/GiB);
+            # a background thread then backs it with memory before requests need it (prefault.py).
             nbytes = 2 * layers * math.prod(shape) * self.embed.element_size()
-            caches = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=self.dtype).view(2 * layers, *shape)
+            buf = mmap.mmap(-1, nbytes)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                buf.madvise(mmap.MADV_HUGEPAGE)  # fewer, larger faults where the kernel grants them
+            caches = torch.frombuffer(buf, dtype=self.dtype).view(2 * layers, *shape)
+            populate_in_background(buf)
         else:
             caches = torch.zeros((2 * layers, *shape), device=self.device, dtype=self.dtype)
         return [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from pyserve import _ops
 from pyserve.config import RopeConfig
 
 
@@ -38,14 +39,7 @@ class RotaryEmbedding:
         self.sin = freqs.sin().to(device=device, dtype=dtype)
         self.max_positions = max_positions
 
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)  # [tokens, 1, head_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] in place (views into
+        the fused QKV projection are fine); positions: [tokens] int64."""
+        _ops.rotary_embedding(positions, q, k, self.cos, self.sin)
