@@ -50,6 +50,7 @@ test: setup
 bench: setup
 	$(PY) bench/kernels/bench_attention.py
 	$(PY) bench/kernels/bench_sampling.py
+	$(PY) bench/kernels/bench_linear.py
 	$(PY) bench/load_gguf.py
 	$(PY) bench/offline_throughput.py
 

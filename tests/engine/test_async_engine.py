@@ -114,3 +114,29 @@ def test_a_failing_step_kills_the_engine_without_hanging_callers():
     asyncio.run(main())
     assert isinstance(eng.dead, RuntimeError)
     eng.shutdown()
+
+
+def test_a_builder_runs_on_the_engine_thread_and_its_failure_reaches_the_caller():
+    import threading
+
+    built_on, llms = [], []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        llms.append(make_llm())
+        return llms[0].engine
+
+    eng = AsyncLLMEngine(build)
+    try:
+        assert built_on == ["pyserve-engine"]
+        pieces, last = asyncio.run(collect(eng, "b0", "The sky is"))
+        assert last.finished and len(last.outputs[0].token_ids) == PARAMS.max_tokens
+        assert_no_leak(llms[0])
+    finally:
+        eng.shutdown()
+
+    def broken():
+        raise RuntimeError("no weights here")
+
+    with pytest.raises(RuntimeError, match="no weights here"):
+        AsyncLLMEngine(broken)
