@@ -43,7 +43,7 @@ class AsyncLLMEngine:
         self._streams_lock = threading.Lock()
         self.dead: BaseException | None = None
         self._stopping = False
-        build = engine if callable(engine) and not isinstance(engine, LLMEngine) else (lambda: engine)
+        build = (lambda: engine) if isinstance(engine, LLMEngine) else engine
         built = threading.Event()
         failure: list[BaseException] = []
 

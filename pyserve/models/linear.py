@@ -24,7 +24,6 @@ class Linear:
     """A frozen linear layer. weight: [out_features, in_features]; bias: [out_features] or None."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.packed = _onednn_usable(weight)
         # The reordered copy replaces the dense weight (the caller may keep its own, e.g. a tied embedding).
