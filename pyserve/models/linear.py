@@ -7,6 +7,15 @@ and the [32, 576] × [576, 49152] vocab projection at ~65 against ~180 (see benc
 oneDNN's result for a row also does not depend on how many rows share the call (MKL's does, in the last
 bits), which keeps greedy decoding batch-invariant. Elsewhere (CUDA, or a torch without oneDNN) the
 weight stays as it is and `F.linear` runs it.
+
+oneDNN compiles (JIT) one primitive per input shape and keeps it in two LRU caches of 1024 entries each
+(oneDNN's primitive cache and ideep's), about 0.6 MB per shape between them, measured. A server's row
+count is the number of tokens in the step, different almost every step, so unbucketed it filled those
+caches with ~1000 shapes per layer shape, then churned them, and the evictions fragmented the heap:
+resident memory grew by ~0.7 MB per request for as long as the server ran (issue 13). So the packed path
+runs only a fixed set of row counts (`ROW_BUCKETS`): fewer rows are padded up to the next bucket through a
+reused buffer, more are run in chunks of the largest bucket, and `warm_up_shapes` builds every primitive
+at startup, so serving creates none.
 """
 
 from __future__ import annotations
@@ -14,10 +23,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# Exact up to 32 rows (decode batches: there a matmul streams the weight, and padding would cost as much
+# as the rows it adds), then steps of 8 and 16 rows: padding wastes at most 20% of a step above 32 rows,
+# and chunks of 256 rows run within noise of one large call (bench/kernels/bench_linear.py).
+ROW_BUCKETS: tuple[int, ...] = (*range(1, 33), *range(40, 129, 8), *range(144, 257, 16))
+CHUNK_ROWS = ROW_BUCKETS[-1]
+
+
+def row_bucket(m: int) -> int:
+    """The smallest bucket holding m rows (1 <= m <= CHUNK_ROWS)."""
+    if m <= 32:
+        return m
+    step = 8 if m <= 128 else 16
+    return -(-m // step) * step
+
 
 def _onednn_usable(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+# Padding buffers, one per (in_features, dtype), shared by every layer: the engine runs one matmul at a
+# time, on one thread, and rows past those copied in are never read back.
+_pad_buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    key = (x.shape[1], x.dtype)
+    buf = _pad_buffers.get(key)
+    if buf is None:
+        buf = _pad_buffers[key] = torch.zeros(CHUNK_ROWS, x.shape[1], dtype=x.dtype)
+    buf[: x.shape[0]].copy_(x)
+    return buf[:rows]
 
 
 class Linear:
@@ -26,11 +63,43 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.bias = bias
         self.packed = _onednn_usable(weight)
+        self.in_features = weight.shape[1]
         # The reordered copy replaces the dense weight (the caller may keep its own, e.g. a tied embedding).
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] → [..., out_features], in x's dtype."""
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if not self.packed:
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        m = x2.shape[0]
+        if m == 0:
+            y = self._run(x2)
+        elif m <= CHUNK_ROWS:
+            y = self._run_rows(x2)
+        else:
+            y = torch.cat([self._run_rows(x2[s: s + CHUNK_ROWS]) for s in range(0, m, CHUNK_ROWS)])
+        return y.reshape(*lead, y.shape[-1])
+
+    def _run_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [m, in_features], 1 <= m <= CHUNK_ROWS → [m, out_features], through a bucket-sized call."""
+        m = x.shape[0]
+        rows = row_bucket(m)
+        if rows == m:
+            return self._run(x.contiguous())
+        return self._run(_padded(x, rows))[:m]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    @torch.inference_mode()
+    def warm_up_shapes(self, max_rows: int) -> None:
+        """Build the primitive for every bucket a call of up to max_rows rows can use."""
+        if not self.packed:
+            return
+        x = torch.zeros(CHUNK_ROWS, self.in_features, dtype=self.weight.dtype)
+        for rows in ROW_BUCKETS:
+            self._run(x[:rows])
+            if rows >= max_rows:
+                break

@@ -151,6 +151,14 @@ class LlamaModel:
         h = _ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps)
         return self.lm_head(h).float()
 
+    def warm_up_matmuls(self, max_tokens: int, max_logit_rows: int) -> None:
+        """Build every matmul primitive a step of up to max_tokens tokens and max_logit_rows sampled rows
+        can use (models/linear.py), so that serving builds and caches none."""
+        layer = self.layers[0]  # a primitive depends on shapes, not on weights: one layer warms them all
+        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            linear.warm_up_shapes(max_tokens)
+        self.lm_head.warm_up_shapes(max_logit_rows)
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
         shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)

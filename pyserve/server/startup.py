@@ -75,6 +75,7 @@ def warm_up(engine) -> None:
     from pyserve.sampling_params import SamplingParams
 
     vocab = engine.model.cfg.vocab_size
+    engine.model.warm_up_matmuls(engine.config.max_num_batched_tokens, engine.config.max_num_seqs)
     engine.encode("Hello")  # the tokenizer's first call, and its prompt-length bound, are slow
     ids_a = [(7 * i + 11) % vocab for i in range(min(24, engine.max_model_len - 8))]
     ids_b = [(13 * i + 5) % vocab for i in range(min(9, engine.max_model_len - 8))]

@@ -50,5 +50,46 @@ def test_a_row_does_not_depend_on_the_batch_it_is_in(dtype):
     x = torch.randn(600, 576).to(dtype)
     with torch.inference_mode():
         alone = lin(x[:1])
-        for m in (2, 7, 8, 31, 32, 33, 64, 256, 600):
+        for m in (2, 7, 8, 31, 32, 33, 41, 64, 255, 256, 257, 600):
             assert torch.equal(lin(x[:m])[:1], alone), f"row 0 differs when the batch has {m} rows"
+
+
+def test_row_buckets_cover_every_row_count_with_the_smallest_bucket():
+    from pyserve.models.linear import CHUNK_ROWS, ROW_BUCKETS, row_bucket
+
+    for m in range(1, CHUNK_ROWS + 1):
+        b = row_bucket(m)
+        assert b in ROW_BUCKETS and b >= m and not any(m <= c < b for c in ROW_BUCKETS), m
+
+
+def _malloc_in_use_mb() -> float:
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2")
+    f.restype = MallInfo2
+    info = f()
+    return (info.uordblks + info.hblkhd) / 2 ** 20
+
+
+def test_serving_any_row_count_after_warm_up_builds_nothing_new():
+    # oneDNN builds and caches a primitive per input shape, ~0.6 MB each: a server that ran every row
+    # count it met grew without bound (issue 13). After warm_up_shapes, no row count may add to the heap.
+    lin = Linear(torch.randn(3072, 576))
+    if not lin.packed:
+        pytest.skip("F.linear fallback: no oneDNN primitives")
+    lin.warm_up_shapes(2048)
+    x = torch.randn(700, 576)
+    with torch.inference_mode():
+        lin(x[:5])  # the padding buffer
+        before = _malloc_in_use_mb()
+        for m in range(1, 700, 3):
+            lin(x[:m])
+        grew = _malloc_in_use_mb() - before
+    assert grew < 8, f"the heap grew {grew:.1f} MB over 233 row counts"
