@@ -108,7 +108,8 @@ class Tally:
     completion_tokens: int = 0
 
 
-async def send(host: str, port: int, p: Planned, timeout: float, t: Tally) -> None:
+async def send(host: str, port: int, p: Planned, timeout: float, t: Tally) -> int | None:
+    """Send one request and check its answer; the HTTP status (None when there was none)."""
     head = (f"POST {p.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(p.body)}\r\nConnection: close\r\n\r\n").encode()
     t0 = time.perf_counter()
@@ -117,20 +118,20 @@ async def send(host: str, port: int, p: Planned, timeout: float, t: Tally) -> No
     except OSError as e:
         t.client_errors += 1
         t.errors[f"connect: {type(e).__name__}"] += 1
-        return
+        return None
     try:
         writer.write(head + p.body)
         status = int((await asyncio.wait_for(reader.readline(), timeout)).split()[1])
         if status >= 500:
             t.server_5xx += 1
             t.errors[f"HTTP {status}"] += 1
-            return
+            return status
         if status != 200:
             t.client_4xx += 1
             if not p.malformed and status != 429:
                 t.unexpected_4xx += 1
                 t.errors[f"unexpected HTTP {status}"] += 1
-            return
+            return status
         if p.hang_up_after is not None:
             events = 0
             while events < p.hang_up_after:
@@ -139,14 +140,11 @@ async def send(host: str, port: int, p: Planned, timeout: float, t: Tally) -> No
                     break
                 events += line.startswith(b"data:")
             t.hang_ups += 1
-            return
+            return status
         payload = await asyncio.wait_for(reader.read(), timeout)
         body = payload.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in payload else payload
         if p.stream:
-            if b"data: [DONE]" not in body or b'"error"' in body:
-                raise ValueError("stream ended without [DONE] or with an error event")
-            m = re.findall(rb'"completion_tokens":\s*(\d+)', body)
-            t.completion_tokens += int(m[-1]) if m else 0
+            t.completion_tokens += check_stream(body)
         else:
             start = body.find(b"{")
             doc = json.loads(body[start:body.rfind(b"}") + 1])
@@ -155,11 +153,35 @@ async def send(host: str, port: int, p: Planned, timeout: float, t: Tally) -> No
             t.completion_tokens += doc["usage"]["completion_tokens"]
         t.ok += 1
         t.latencies.append(time.perf_counter() - t0)
+        return status
     except (OSError, ValueError, IndexError, KeyError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
         t.client_errors += 1
-        t.errors[f"{type(e).__name__}: {str(e)[:80]}"] += 1
+        t.errors[f"{type(e).__name__}: {str(e)[:400]}"] += 1
+        return None
     finally:
         writer.close()
+
+
+def check_stream(body: bytes) -> int:
+    """The completion tokens a well-formed event stream reports (0 without usage); ValueError otherwise."""
+    done, tokens = False, 0
+    for line in body.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue  # chunk sizes and blank lines of the chunked encoding
+        payload = line[5:].strip()
+        if done:
+            raise ValueError(f"an event after [DONE]: {payload[:200]!r}")
+        if payload == b"[DONE]":
+            done = True
+            continue
+        event = json.loads(payload)
+        if "error" in event:
+            raise ValueError(f"error event: {payload[:300]!r}")
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    if not done:
+        raise ValueError(f"stream ended without [DONE]: ...{body[-300:]!r}")
+    return tokens
 
 
 # ---- observation ---------------------------------------------------------------------------------------
@@ -172,6 +194,7 @@ def rss_mb(pid: int) -> float:
 
 
 GAUGES = ("pyserve:num_requests_running", "pyserve:num_requests_waiting", "pyserve:kv_cache_usage_perc")
+COUNTERS = ("pyserve:num_preemptions_total",)
 
 
 def gauges(url: str) -> dict[str, float]:
@@ -180,7 +203,7 @@ def gauges(url: str) -> dict[str, float]:
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in GAUGES:
+        if name in GAUGES or name in COUNTERS:
             out[name] = float(value)
     return out
 
@@ -233,7 +256,8 @@ async def soak(url: str, pid: int, duration: float, concurrency: int, interval: 
     async def client(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
         while time.monotonic() < stop_at:
-            await send(host, port, plan_request(rng, model), request_timeout, tally)
+            if await send(host, port, plan_request(rng, model), request_timeout, tally) == 429:
+                await asyncio.sleep(rng.uniform(0.25, 1.0))  # back off, as the OpenAI SDK does
 
     async def sampler() -> None:
         while True:
@@ -258,7 +282,7 @@ def settle(url: str, timeout: float = 60) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         g = gauges(url)
-        if all(v == 0 for v in g.values()) or time.monotonic() > deadline:
+        if all(v == 0 for k, v in g.items() if k in GAUGES) or time.monotonic() > deadline:
             return g
         time.sleep(0.5)
 
@@ -341,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"{tally.client_errors} client errors: {dict(tally.errors)}")
     if tally.unexpected_4xx:
         failures.append(f"{tally.unexpected_4xx} well-formed requests got a 4xx other than 429")
-    if any(v != 0 for v in final.values()):
+    if any(v != 0 for k, v in final.items() if k in GAUGES):
         failures.append(f"gauges not back to 0 after the load: {final}")
     if grew > a.max_growth_mb:
         failures.append(f"RSS grew {grew:.1f} MB from {a.growth_from:.0%} of the run to its end "

@@ -11,7 +11,7 @@ weight stays as it is and `F.linear` runs it.
 oneDNN compiles (JIT) one primitive per input shape and keeps it in two LRU caches of 1024 entries each
 (oneDNN's primitive cache and ideep's), about 0.6 MB per shape between them, measured. A server's row
 count is the number of tokens in the step, different almost every step, so unbucketed it filled those
-caches with ~1000 shapes per layer shape, then churned them, and the evictions fragmented the heap:
+caches with hundreds of shapes per layer shape, then churned them, and the evictions fragmented the heap:
 resident memory grew by ~0.7 MB per request for as long as the server ran (issue 13). So the packed path
 runs only a fixed set of row counts (`ROW_BUCKETS`): fewer rows are padded up to the next bucket through a
 reused buffer, more are run in chunks of the largest bucket, and `warm_up_shapes` builds every primitive
@@ -20,21 +20,25 @@ at startup, so serving creates none.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
 # Exact up to 32 rows (decode batches: there a matmul streams the weight, and padding would cost as much
-# as the rows it adds), then steps of 8 and 16 rows: padding wastes at most 20% of a step above 32 rows,
-# and chunks of 256 rows run within noise of one large call (bench/kernels/bench_linear.py).
-ROW_BUCKETS: tuple[int, ...] = (*range(1, 33), *range(40, 129, 8), *range(144, 257, 16))
+# as the rows it adds), then steps of 1/8 to 1/4 of the row count, so padding costs at most 12.5% of a call
+# (25% at 257 rows); more than 512 rows run in 512-row chunks. 60 buckets: ~150 MB of primitives for the
+# default model, all built at warm-up (bench/README.md, "Memory under sustained load").
+ROW_BUCKETS: tuple[int, ...] = (*range(1, 33), *range(36, 65, 4), *range(72, 129, 8), *range(144, 257, 16),
+                                *range(320, 513, 64))
 CHUNK_ROWS = ROW_BUCKETS[-1]
+_EXACT_ROWS = 32
+_STEPS = ((_EXACT_ROWS, 1), (64, 4), (128, 8), (256, 16), (512, 64))  # (up to rows, bucket step)
 
 
 def row_bucket(m: int) -> int:
     """The smallest bucket holding m rows (1 <= m <= CHUNK_ROWS)."""
-    if m <= 32:
-        return m
-    step = 8 if m <= 128 else 16
+    step = next(step for upto, step in _STEPS if m <= upto)
     return -(-m // step) * step
 
 
@@ -43,16 +47,17 @@ def _onednn_usable(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-# Padding buffers, one per (in_features, dtype), shared by every layer: the engine runs one matmul at a
-# time, on one thread, and rows past those copied in are never read back.
-_pad_buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+# Padding buffers, one per (thread, in_features, dtype), shared by every layer: a thread runs one matmul at
+# a time, and the rows past those copied in are never read back.
+_pad_buffers = threading.local()
 
 
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
     key = (x.shape[1], x.dtype)
-    buf = _pad_buffers.get(key)
+    buffers = _pad_buffers.__dict__
+    buf = buffers.get(key)
     if buf is None:
-        buf = _pad_buffers[key] = torch.zeros(CHUNK_ROWS, x.shape[1], dtype=x.dtype)
+        buf = buffers[key] = torch.zeros(CHUNK_ROWS, x.shape[1], dtype=x.dtype)
     buf[: x.shape[0]].copy_(x)
     return buf[:rows]
 
@@ -71,6 +76,8 @@ class Linear:
         """x: [..., in_features] → [..., out_features], in x's dtype."""
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
+        if x.dim() == 2 and x.shape[0] <= _EXACT_ROWS:  # a decode step: its own bucket, nothing to add
+            return self._run(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         m = x2.shape[0]
