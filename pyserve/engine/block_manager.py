@@ -118,6 +118,14 @@ class BlockManager:
         seq.num_cached_blocks = 0
         seq.admitted = False
 
+    def release(self, seq: Sequence) -> None:
+        """Undo an admission that could not be scheduled: free its blocks, and drop the copy a fork queued
+        into one of them."""
+        if seq.block_ids:
+            mine = set(seq.block_ids)
+            self.pending_copies = [(src, dst) for src, dst in self.pending_copies if dst not in mine]
+        self.free(seq)
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
         return copies

@@ -90,6 +90,10 @@ class Scheduler:
                 self.blocks.admit(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.ensure_slots(seq, n):
+                # A waiting sequence holds no blocks: kept, the prefix blocks its admission took could be
+                # exactly what the sequence preempted in front of it needs, with nothing running to free
+                # any (the engine then stalled for good: found by bench/soak.py with a small cache).
+                self.blocks.release(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 # Exact up to 32 rows (decode batches: there a matmul streams the weight, and padding would cost as much
 # as the rows it adds), then steps of 1/8 to 1/4 of the row count, so padding costs at most 12.5% of a call
-# (25% at 257 rows); more than 512 rows run in 512-row chunks. 60 buckets: ~150 MB of primitives for the
-# default model, all built at warm-up (bench/README.md, "Memory under sustained load").
+# (25% at 257 rows); more than 512 rows run in 512-row chunks. 60 buckets for each of a model's matmul shapes
+# (~0.6 MB of primitives each), all built at warm-up (bench/README.md, "Memory under sustained load").
 ROW_BUCKETS: tuple[int, ...] = (*range(1, 33), *range(36, 65, 4), *range(72, 129, 8), *range(144, 257, 16),
                                 *range(320, 513, 64))
 CHUNK_ROWS = ROW_BUCKETS[-1]

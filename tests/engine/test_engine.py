@@ -185,3 +185,22 @@ def test_n_samples_survive_preemption():
     assert got == want
     assert tight.engine.stats().num_preemptions > 0
     assert_no_leak(tight)
+
+
+def test_waiting_sequences_hold_no_blocks_so_preemption_cannot_stall():
+    # A shared prefix makes every admission take cached blocks; a cache this small and 2 running at most
+    # make sequences preempt. A waiting sequence that kept the prefix blocks of an admission that could
+    # not be scheduled starved the preempted one in front of it, with nothing running: the engine stalled.
+    prefix = "The quick brown fox jumps over the lazy dog near the river bank. " * 6
+    llm = make_llm(num_gpu_blocks_override=14, max_num_seqs=2, max_num_batched_tokens=64)
+    engine = llm.engine
+    for i in range(10):
+        engine.add_request(f"r{i}", prefix + f"Item {i}: " + "word " * (5 * i),
+                           SamplingParams(max_tokens=40, ignore_eos=True, temperature=0))
+    for _ in range(3000):
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    assert not engine.has_unfinished(), (f"stalled: {engine.stats()}")
+    assert engine.stats().num_preemptions > 0
+    assert_no_leak(llm)
