@@ -55,14 +55,21 @@ def vocab_files() -> list[Path]:
 
 
 def vocab_vectors(vocab: Path) -> list[tuple[str, list[int]]]:
-    """(input text, reference ids) pairs of a vocabulary's .inp/.out files."""
+    """(input text, reference ids) pairs of a vocabulary's .inp/.out files, parsed as llama.cpp's
+    tests/test-tokenizer-0.cpp does: the .inp holds the inputs, each followed by the separator (the
+    last one may lack it); the .out holds one line of space-separated ids per input (an empty line
+    for the empty input)."""
     sep = "\n__ggml_vocab_test__\n"
-    inputs = vocab.with_name(vocab.name + ".inp").read_text(encoding="utf-8").split(sep)
-    outputs = vocab.with_name(vocab.name + ".out").read_text(encoding="utf-8").split(sep)
-    # Both files end with the separator (and a newline the split leaves behind).
-    inputs, outputs = inputs[:-1], outputs[:-1]
-    assert len(inputs) == len(outputs), vocab
-    return [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs, outputs)]
+    # Bytes, not read_text: universal newlines would turn an input's "\r\n" into "\n".
+    raw = vocab.with_name(vocab.name + ".inp").read_bytes().decode("utf-8")
+    inputs = raw.split(sep)
+    if inputs[-1] == "":  # the separator ends the file rather than starting one more input
+        inputs.pop()
+    lines = vocab.with_name(vocab.name + ".out").read_bytes().decode("utf-8").split("\n")
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    assert len(inputs) == len(lines), f"{vocab}: {len(inputs)} inputs but {len(lines)} outputs"
+    return [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs, lines)]
 
 
 def convert_hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
