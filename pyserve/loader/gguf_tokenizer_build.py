@@ -1,55 +1,31 @@
-"""GGUF `tokenizer.*` metadata -> `tokenizers.Tokenizer`, the way transformers' GGUF path builds it.
+"""GGUF `tokenizer.*` metadata -> the `tokenizers.Tokenizer` that gives the model's own ids.
 
-Two vocabularies are supported, by `tokenizer.ggml.model`:
-  "gpt2"  byte-level BPE (tokens + merges), split by the `tokenizer.ggml.pre` regex;
-  "llama" SentencePiece-style BPE (tokens + scores, merges derived from the scores when absent),
-          with byte fallback and the "▁" word-boundary marker.
+The reference is the model's original Hugging Face tokenizer, as recorded in llama.cpp's vocabulary
+test vectors (tests/loader/test_gguf_vocab_vectors.py). Three vocabularies, by `tokenizer.ggml.model`:
+  "gpt2"    byte-level BPE (tokens + merges), words cut as `tokenizer.ggml.pre` says (gguf_pretokenizers);
+  "llama"   SentencePiece-style BPE (tokens + scores, merges derived from the scores when absent),
+            with byte fallback and "▁" for spaces, one put in front of the text;
+  "gemma4"  SentencePiece-style BPE with the merges given and no space in front.
 Other models raise GGUFError ("not supported yet").
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
+from pyserve.loader.gguf_pretokenizers import word_split
 from pyserve.loader.gguf_types import GGUFError
 
-log = logging.getLogger(__name__)
-
 # Bump when what build_tokenizer produces changes, so stale cache entries are not picked up.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 TOKEN_TYPE_CONTROL = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL: <|im_start|>, <s> and friends
 TOKEN_TYPE_USER_DEFINED = 4  # added tokens that are matched whole but are not special
-
-# llama.cpp's pre-tokenizer regexes, keyed by `tokenizer.ggml.pre` (see llama-vocab.cpp).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
-# These split off every digit on its own, then apply GPT-2's regex (llama.cpp: "\p{N}" first).
-# It is what SmolLM2's own tokenizer.json does with `Digits(individual_digits=True)`; transformers'
-# GGUF path uses plain GPT-2 splitting for "smollm", which gives the same ids only because the
-# SmolLM2 vocabulary has no multi-digit or space-digit tokens.
-_DIGIT_FIRST = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+SPACE = "▁"  # SentencePiece's visible space
 
 
 def opt_int(meta: Mapping[str, Any], key: str) -> int | None:
@@ -70,32 +46,38 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
-    if pre in _DIGIT_FIRST:
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        )
-    split = _SPLITS.get(pre or "")
-    if split is not None:
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    if pre not in (None, "default", "gpt2", "gpt-2"):
-        log.warning("GGUF pre-tokenizer %r is not known here; using GPT-2's split", pre)
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+def _merge_pairs(merges: list[str]) -> list[tuple[str, str]]:
+    # Split at the first space after the first character, as llama.cpp does, so that a token
+    # that is itself a space (SentencePiece-style vocabularies) stays whole.
+    pairs = []
+    for m in merges:
+        i = m.index(" ", 1)
+        pairs.append((m[:i], m[i + 1:]))
+    return pairs
 
 
 def _byte_level_bpe(meta: Mapping[str, Any], tokens: list[str], path: str) -> tuple[Tokenizer, set[str]]:
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
         raise GGUFError(f"{path}: a gpt2 tokenizer needs tokenizer.ggml.merges")
+    split = word_split(meta.get("tokenizer.ggml.pre"), path)
     # A few converters store some tokens as raw text; the BPE model needs them byte-level spelled.
+    # Not user-defined ones: those are matched whole in the raw text (as added tokens) and never
+    # come out of a merge, and respelled they can collide with a real token (GPT-NeoX's added
+    # "  " is id 50276, its merged "ĠĠ" id 245).
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    tok.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    types = meta.get("tokenizer.ggml.token_type") or []
+
+    def spelled(i: int, t: str) -> str:
+        if set(t) <= alphabet or (i < len(types) and types[i] == TOKEN_TYPE_USER_DEFINED):
+            return t
+        return "".join(spelling[b] for b in t.encode("utf-8"))
+
+    vocab = {spelled(i, t): i for i, t in enumerate(tokens)}
+    tok = Tokenizer(BPE(vocab=vocab, merges=_merge_pairs(merges), dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False, ignore_merges=split.ignore_merges))
+    tok.pre_tokenizer = split.build()
     tok.decoder = decoders.ByteLevel()
     return tok, alphabet
 
@@ -113,29 +95,50 @@ def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str
     return [(a, b) for a, b, _ in merges]
 
 
+def _spm_tokenizer(meta: Mapping[str, Any], tokens: list[str], pairs: list[tuple[str, str]], prefix: bool) -> Tokenizer:
+    """BPE over the characters of the text with spaces spelled "▁", bytes for what no token covers."""
+    unk = opt_int(meta, "tokenizer.ggml.unknown_token_id")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None,
+                        unk_token=tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None))
+    # A normalizer, not a Metaspace pre-tokenizer: llama.cpp (and Llama 2's, Mistral's, Phi-3's
+    # tokenizer.json) put a space in front of the text, and of each stretch of text after an
+    # added token, before turning spaces into "▁"; so ' Hello' is '▁▁Hello' -> ['▁', '▁Hello'].
+    # Metaspace adds no "▁" to text that already starts with one and loses that leading space.
+    steps = [normalizers.Prepend(SPACE)] if prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", SPACE)])
+    decode = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        decode.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(decode)
+    return tok
+
+
 def _sentencepiece_bpe(meta: Mapping[str, Any], tokens: list[str], path: str) -> tuple[Tokenizer, None]:
     merges = meta.get("tokenizer.ggml.merges")
     if merges:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = _merge_pairs(merges)
     else:
         scores = meta.get("tokenizer.ggml.scores")
         if not scores or len(scores) != len(tokens):
             raise GGUFError(f"{path}: a llama tokenizer needs tokenizer.ggml.scores (one per token) or merges")
         pairs = merges_from_scores(tokens, scores)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None))
-    # llama.cpp prefixes a space unless the file says not to; transformers always does, so the two
-    # differ only on files with add_space_prefix = false, where we follow llama.cpp.
+    # llama.cpp prefixes a space unless the file says not to.
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prefix:
-        steps.append(decoders.Strip(content=" ", left=1))
-    tok.decoder = decoders.Sequence(steps)
-    return tok, None
+    return _spm_tokenizer(meta, tokens, pairs, prefix), None
 
 
-_BUILDERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+def _gemma4_bpe(meta: Mapping[str, Any], tokens: list[str], path: str) -> tuple[Tokenizer, None]:
+    # Gemma 4's tokenizer.json: the merges are in the file and no space goes in front. llama.cpp
+    # also cuts the text at newlines first; no Gemma 4 token mixes a newline with anything else,
+    # so that changes no ids and is left out.
+    merges = meta.get("tokenizer.ggml.merges")
+    if not merges:
+        raise GGUFError(f"{path}: a gemma4 tokenizer needs tokenizer.ggml.merges")
+    return _spm_tokenizer(meta, tokens, _merge_pairs(merges), prefix=False), None
+
+
+_BUILDERS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe, "gemma4": _gemma4_bpe}
 _ADD_BOS_DEFAULT = {"llama": True}  # llama.cpp adds BOS to SentencePiece vocabularies that do not say
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from pyserve.loader.gguf_reader import read_gguf
 from pyserve.loader.gguf_tokenizer import cache_path, load_tokenizer
+from pyserve.loader.gguf_pretokenizers import SPLITS, word_split
 from pyserve.loader.gguf_tokenizer_build import build_tokenizer
 from pyserve.loader.gguf_types import GGUFError
 
@@ -126,6 +127,23 @@ def test_other_tokenizer_models_rejected(smollm_path):
         build_tokenizer(meta, "x.gguf")
 
 
+def test_unknown_pre_tokenizer_rejected(smollm_path):
+    """Splitting text another model's way would give plausible but wrong ids: refuse instead."""
+    with read_gguf(smollm_path) as f:
+        meta = dict(f.metadata)
+    meta["tokenizer.ggml.pre"] = "jais-2"
+    with pytest.raises(GGUFError, match="x.gguf: tokenizer.ggml.pre 'jais-2' is not supported"):
+        build_tokenizer(meta, "x.gguf")
+
+
+@pytest.mark.parametrize("pre", sorted(SPLITS, key=str))
+def test_every_pre_tokenizer_builds(pre):
+    """Most names have no test vectors; at least their regexes must compile and split text."""
+    split = word_split(pre, "x.gguf").build()
+    pieces = split.pre_tokenize_str("Hello, y'all! 12345 \u00bd  \n\tC\u1eeda Vi\u1ec7t \u6211\u60f3")
+    assert len(pieces) > 1
+
+
 # A small SentencePiece-style ("llama") vocabulary: specials, the 256 byte tokens, then pieces
 # with descending scores, so merges have to be derived from the scores.
 _PIECES = (
@@ -135,11 +153,11 @@ _PIECES = (
 LLAMA_TEXTS = ["Hello world", " Hello  world", "Hello\nWorld 123 é世界!", "", "the and an", "<s>x</s>", "unknown ü ☃", "  ", "x<tool> y<tool>"]
 
 
-def _write_llama_vocab(path, add_space_prefix: bool | None = None) -> None:
+def _write_llama_vocab(path, add_space_prefix: bool | None = None, arch: str = "llama") -> None:
     gguf = pytest.importorskip("gguf")
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + _PIECES
     types = [2, 3, 3] + [6] * 256 + [1] * (len(_PIECES) - 1) + [4]
-    w = gguf.GGUFWriter(str(path), arch="llama")
+    w = gguf.GGUFWriter(str(path), arch=arch)
     for add in (w.add_block_count, w.add_context_length, w.add_embedding_length, w.add_feed_forward_length, w.add_head_count):
         add(8)
     w.add_tokenizer_model("llama")
@@ -159,12 +177,20 @@ def _write_llama_vocab(path, add_space_prefix: bool | None = None) -> None:
 
 @pytest.mark.slow
 def test_llama_vocab_matches_transformers(tmp_path):
+    """transformers builds a "llama" vocabulary two ways, by architecture: for phi3 the space in
+    front comes from a normalizer, as in llama.cpp and Llama 2's own tokenizer.json (' Hello' ->
+    ['▁', '▁Hello']); for llama from Metaspace, which loses a leading space (['▁Hello']).
+    llama.cpp's llama-spm test vectors side with the first, so that is the reference here; pyserve
+    builds the same tokenizer whatever the architecture."""
     transformers = pytest.importorskip("transformers")
-    _write_llama_vocab(tmp_path / "tiny.gguf")
+    _write_llama_vocab(tmp_path / "tiny.gguf", arch="phi3")
+    _write_llama_vocab(tmp_path / "llama.gguf", arch="llama")
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
     ours = load_tokenizer(tmp_path / "tiny.gguf", use_cache=False)
+    as_llama = load_tokenizer(tmp_path / "llama.gguf", use_cache=False)
     assert ours.add_bos_token and not ours.add_eos_token
     for text in LLAMA_TEXTS:
+        assert as_llama.encode(text) == ours.encode(text), text
         ids = ours.encode(text)
         assert ids == ref.encode(text), text
         assert ours.decode(ids) == ref.decode(ids), text
