@@ -13,15 +13,65 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    # "default" or "llama3" (Llama 3.1's frequency-dependent scaling).
+    # One of ROPE_TYPES: "linear" divides every frequency by `factor`; "llama3" (Llama 3.1) divides
+    # the low frequencies by it and interpolates a middle band; "yarn" interpolates between the two
+    # by dimension and scales cos/sin by `attention_factor`.
     type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # yarn: None derives it from factor (and mscale) as transformers does
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
+    # Divisors of each inverse frequency, as llama.cpp applies its `rope_freqs.weight` tensor: its
+    # converter stores Llama 3's scaling there and nowhere in the metadata. Applied after `type`.
+    freq_factors: tuple[float, ...] | None = None
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> "RopeConfig":
+        """From transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`."""
+        params = {**dict(cfg.get("rope_scaling") or {}), **dict(cfg.get("rope_parameters") or {})}
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+        if float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
+            raise UnsupportedModelError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+        if rope_type == "yarn" and params.get("extrapolation_factor", 1.0) != 1.0:
+            raise UnsupportedModelError("yarn rope scaling with extrapolation_factor != 1 is not supported")
+
+        def opt(key: str) -> float | None:
+            return None if params.get(key) is None else float(params[key])
+
+        factor = params.get("factor")
+        original = params.get("original_max_position_embeddings")
+        if rope_type == "yarn" and factor is None and original:  # DeepSeek-V3: the ratio of the two lengths
+            factor = cfg["max_position_embeddings"] / original
+        return RopeConfig(
+            theta=theta,
+            type=rope_type,
+            factor=float(factor if factor is not None else 1.0),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(original or 8192),
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            attention_factor=opt("attention_factor"),
+            mscale=opt("mscale"),
+            mscale_all_dim=opt("mscale_all_dim"),
+            truncate=bool(params.get("truncate", True)),
+        )
 
 
 @dataclass(frozen=True)
@@ -46,8 +96,7 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> "ModelConfig":
-        """From a config.json dict (transformers 4.x `rope_theta`/`rope_scaling`
-        or 5.x `rope_parameters`)."""
+        """From a config.json dict."""
         arch = cfg.get("model_type", "")
         if arch not in SUPPORTED_ARCHITECTURES:
             names = cfg.get("architectures") or [arch or "<missing model_type>"]
@@ -58,21 +107,7 @@ class ModelConfig:
             raise UnsupportedModelError(f"unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        rope_params = dict(cfg.get("rope_parameters") or {})
-        scaling = dict(cfg.get("rope_scaling") or {})
-        rope_params = {**scaling, **rope_params}
-        theta = float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rope_type = rope_params.get("rope_type", rope_params.get("type", "default")) or "default"
-        if rope_type not in ("default", "llama3"):
-            raise UnsupportedModelError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3)")
-        rope = RopeConfig(
-            theta=theta,
-            type=rope_type,
-            factor=float(rope_params.get("factor", 1.0)),
-            low_freq_factor=float(rope_params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(rope_params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(rope_params.get("original_max_position_embeddings", 8192)),
-        )
+        rope = RopeConfig.from_hf(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None

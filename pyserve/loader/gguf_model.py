@@ -1,5 +1,10 @@
-"""A GGUF file as a pyserve model: its metadata as a ModelConfig and its
+"""A GGUF file as a pyserve model: its metadata (and rope_freqs tensor) as a ModelConfig and its
 tensors renamed to Hugging Face names, so one model class serves both formats.
+
+Every metadata key and tensor is accounted for: read, known to be harmless (the tables below say
+why), or refused by name. llama.cpp's converter writes some of what changes the computation only
+as a tensor (Llama 3's rope scaling) or as a key a reader can skip (a sliding window), and a reader
+that skips it silently decodes a different model.
 
 llama.cpp's converter interleaves the rows of q/k projections of `llama`
 checkpoints for its own rotary layout; we undo that here so the weights match
@@ -10,9 +15,11 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 
 from pyserve.config import ModelConfig, RopeConfig, SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from pyserve.loader.gguf_dequant import dequantize
 from pyserve.loader.gguf_reader import GGUFFile
 from pyserve.loader.gguf_types import GGUFError
 
@@ -38,15 +45,118 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# Tensors that become part of the ModelConfig rather than a weight.
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Llama 3's scaling lives only here)
+_CONFIG_TENSORS = {ROPE_FREQS}
+# Tensors llama.cpp's files may hold that we deliberately leave unread, and why. Every other tensor
+# is mapped above or refused by name: a tensor we drop is a computation we silently skip.
+IGNORED_TENSORS: dict[str, str] = {}
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+
+# `{arch}.` metadata keys, by what we do with them. READ: turned into the ModelConfig below.
+_READ_KEYS = frozenset({
+    "context_length", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
+    "attention.key_length", "attention.value_length", "rope.dimension_count", "rope.freq_base",
+    "rope.scale_linear", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
+    "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
+    "rope.scaling.yarn_ext_factor",
+})
+# Features we do not implement, accepted only at the value that switches them off.
+_OFF_VALUES = {
+    "expert_count": 0, "expert_used_count": 0,  # mixture of experts
+    "attention.causal": True,
+    "rope.scaling.attn_factor": 1.0,
+    "rope.scaling.yarn_log_multiplier": 0.0,  # DeepSeek's mscale_all_dim
+    "logit_scale": 1.0, "embedding_scale": 1.0, "residual_scale": 1.0,
+    "attn_logit_softcapping": 0.0, "final_logit_softcapping": 0.0,
+}
+# Known and left unread, with the reason.
+IGNORED_KEYS = {
+    "rope.scaling.finetuned": "records whether the model was fine-tuned at the scaled length; computes nothing",
+}
+# Whole namespaces outside `{arch}.`.
+_NAMESPACES = {
+    "general.": None,  # descriptive (name, license, file type...); general.alignment is the reader's
+    "tokenizer.": None,  # the tokenizer's (gguf_tokenizer_build)
+    "quantize.": None,  # how the file was quantized (importance matrix provenance); computes nothing
+}
+
+
+def _check_metadata(meta: dict, arch: str, path: str) -> None:
+    """Refuse, by name, every metadata key that would change the computation in a way we do not
+    reproduce; see the tables above."""
+    for key, value in meta.items():
+        if any(key.startswith(ns) for ns in _NAMESPACES):
+            continue
+        if key == "split.count":
+            if int(value) > 1:
+                raise UnsupportedModelError(
+                    f"{path}: split GGUF files ({value} parts) are not supported; merge them first "
+                    f"(llama-gguf-split --merge)")
+            continue
+        if key.startswith("split."):
+            continue
+        if not key.startswith(arch + "."):
+            raise UnsupportedModelError(f"{path}: GGUF metadata key {key!r} is not understood by pyserve")
+        sub = key[len(arch) + 1:]
+        if sub in _READ_KEYS or sub in IGNORED_KEYS:
+            continue
+        if sub == "attention.sliding_window":  # harmless when it spans the whole context
+            if int(value) == 0 or int(value) >= int(meta.get(f"{arch}.context_length", 0)):
+                continue
+            raise UnsupportedModelError(f"{path}: sliding-window attention ({key} = {value}) is not supported yet")
+        if sub in _OFF_VALUES:
+            if value == _OFF_VALUES[sub]:
+                continue
+            raise UnsupportedModelError(f"{path}: GGUF metadata {key} = {value!r} is not supported "
+                                        f"(only {_OFF_VALUES[sub]!r})")
+        raise UnsupportedModelError(f"{path}: GGUF metadata key {key!r} is not understood by pyserve")
+
+
+def _rope_config(meta: dict, arch: str, rope_freqs: torch.Tensor | None, path: str) -> RopeConfig:
+    """llama.cpp's rope metadata (and rope_freqs tensor) as a RopeConfig, with transformers' meaning."""
+    def get(key: str, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    theta = float(get("rope.freq_base", 10000.0))
+    factors = tuple(float(x) for x in rope_freqs.flatten().tolist()) if rope_freqs is not None else None
+    # llama.cpp reads an absent type as linear; factor 1 (or 0, "unset") is no scaling.
+    kind = get("rope.scaling.type") or "linear"
+    factor = get("rope.scaling.factor")
+    if factor is None and get("rope.scale_linear") is not None:
+        factor = get("rope.scale_linear")
+    factor = float(factor) if factor else 1.0
+    if kind == "none" or (kind == "linear" and factor == 1.0):
+        return RopeConfig(theta=theta, freq_factors=factors)
+    if kind == "linear":
+        return RopeConfig(theta=theta, type="linear", factor=factor, freq_factors=factors)
+    if kind == "yarn":
+        ext = get("rope.scaling.yarn_ext_factor")
+        if ext is not None and float(ext) != 1.0:
+            raise UnsupportedModelError(f"{path}: yarn rope scaling with {arch}.rope.scaling.yarn_ext_factor = "
+                                        f"{ext} is not supported (only 1)")
+        original = get("rope.scaling.original_context_length")
+        if original is None:
+            raise GGUFError(f"{path}: yarn rope scaling without {arch}.rope.scaling.original_context_length")
+        attn = get("rope.scaling.yarn_attn_factor")
+        return RopeConfig(theta=theta, type="yarn", factor=factor, original_max_position_embeddings=int(original),
+                          beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
+                          beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+                          attention_factor=None if attn is None else float(attn), freq_factors=factors)
+    raise UnsupportedModelError(f"{path}: rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported "
+                                f"(supported: none, linear, yarn, and llama3 through {ROPE_FREQS})")
 
 
 def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
+    """The ModelConfig of a GGUF file, after refusing what it holds that we would not reproduce."""
     meta = gguf.metadata
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{gguf.path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    _check_metadata(meta, arch, gguf.path)
+    check_tensor_names(gguf, arch)
 
     def need(key: str):
         full = f"{arch}.{key}"
@@ -56,11 +166,16 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", hidden // heads)))
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    rope = RopeConfig(theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
-    if scaling not in ("none", None):
-        raise UnsupportedModelError(f"{gguf.path}: unsupported rope scaling {scaling!r} in GGUF metadata")
+    # llama.cpp's defaults: heads of hidden / heads dimensions, all of them rotated.
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
+    rotary_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    if value_dim != head_dim:
+        raise UnsupportedModelError(f"{gguf.path}: value heads of {value_dim} and key heads of {head_dim} "
+                                    f"dimensions are not supported (they must be equal)")
+    if rotary_dim != head_dim:
+        raise UnsupportedModelError(f"{gguf.path}: partial rotary embeddings ({arch}.rope.dimension_count = "
+                                    f"{rotary_dim} of head_dim {head_dim}) are not supported")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
@@ -76,7 +191,7 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
         num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
         head_dim=head_dim,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope=rope,
+        rope=_rope_config(meta, arch, read_rope_freqs(gguf), gguf.path),
         max_position_embeddings=int(need("context_length")),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         qkv_bias=arch == "qwen2",
@@ -92,21 +207,51 @@ def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _hf_name(name: str) -> str | None:
+    """The HF name of a GGUF tensor; None for the config and ignored tensors; KeyError if unknown."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    if name in _CONFIG_TENSORS or name in IGNORED_TENSORS:
+        return None
+    m = _LAYER.fullmatch(name)
+    if m is None or m.group(2) not in _LAYER_NAMES:
+        raise KeyError(name)
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+
+
+def check_tensor_names(gguf: GGUFFile, architecture: str) -> None:
+    """Refuse a file with tensors we would not use, naming them, before anything is dequantized."""
+    unknown = []
+    for name in gguf.tensors:
+        try:
+            _hf_name(name)
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise UnsupportedModelError(f"{gguf.path}: GGUF tensor {', '.join(unknown[:3])}{more} is not used by "
+                                    f"pyserve's {architecture} model; refusing to load a model it would change")
+
+
+def read_rope_freqs(gguf: GGUFFile) -> torch.Tensor | None:
+    if ROPE_FREQS not in gguf.tensors:
+        return None
+    info = gguf.tensors[ROPE_FREQS]
+    return torch.from_numpy(np.array(dequantize(gguf.raw(ROPE_FREQS), info.ggml_type, ROPE_FREQS))).reshape(-1)
+
+
 def gguf_to_hf_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path: str) -> dict[str, torch.Tensor]:
+    """Rename (and un-permute) the file's tensors to HF names (check_tensor_names vetted them)."""
     permuted = GGUF_ARCHITECTURES[cfg.architecture]
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        if name in _GLOBAL_NAMES:
-            out[_GLOBAL_NAMES[name]] = t
+        hf = _hf_name(name)
+        if hf is None:
             continue
-        m = _LAYER.fullmatch(name)
-        if m is None or m.group(2) not in _LAYER_NAMES:
-            continue  # e.g. rope_freqs: derived from the config instead
-        hf = _LAYER_NAMES[m.group(2)]
-        if permuted and hf.startswith("self_attn.q_proj"):
+        if permuted and ".self_attn.q_proj." in hf:
             t = unpermute_rows(t, cfg.num_heads)
-        elif permuted and hf.startswith("self_attn.k_proj"):
+        elif permuted and ".self_attn.k_proj." in hf:
             t = unpermute_rows(t, cfg.num_kv_heads)
-        out[f"model.layers.{m.group(1)}.{hf}"] = t
+        out[hf] = t
     tensors.clear()
     return out

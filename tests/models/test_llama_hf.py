@@ -27,6 +27,11 @@ def make_config(arch: str):
         return transformers.LlamaConfig(**COMMON, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}, rope_theta=500000.0)
+    if arch == "llama-linear-rope":
+        return transformers.LlamaConfig(**COMMON, rope_scaling={"rope_type": "linear", "factor": 3.0})
+    if arch == "qwen2-yarn":
+        return transformers.Qwen2Config(**COMMON, tie_word_embeddings=False, rope_scaling={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
     if arch == "llama-tied":
         return transformers.LlamaConfig(**COMMON, tie_word_embeddings=True)
     if arch == "qwen2":
@@ -36,7 +41,7 @@ def make_config(arch: str):
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "llama3-rope", "llama-tied", "qwen2", "mistral"]
+ARCHS = ["llama", "llama3-rope", "llama-linear-rope", "llama-tied", "qwen2", "qwen2-yarn", "mistral"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -44,7 +49,7 @@ def hf_model(request, tmp_path_factory):
     torch.manual_seed(0)
     cfg = make_config(request.param)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
-    if request.param == "qwen2":  # random but non-zero q/k/v biases
+    if request.param.startswith("qwen2"):  # random but non-zero q/k/v biases
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

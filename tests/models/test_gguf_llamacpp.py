@@ -1,0 +1,120 @@
+"""GGUF files made by llama.cpp's own converter (convert_hf_to_gguf.py, tests/llamacpp.py) from tiny
+random HF models: loaded by pyserve, they must give transformers' logits and greedy tokens on the HF
+folder. Our GGUF writer shares our reading of the format; llama.cpp's converter does not, and it is
+what made every GGUF file our users have."""
+
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+import transformers  # noqa: E402  (the reference implementation)
+from pyserve.loader import read_gguf
+from pyserve.loader.gguf_model import IGNORED_TENSORS, ROPE_FREQS
+from pyserve.models import load_model
+from tests.llamacpp import convert_hf_to_gguf, llama_cpp_dir
+from tests.models.paged_runner import PagedRunner
+
+# The converter wants a real tokenizer whose pre-tokenizer it knows, and transformers gives a Qwen2
+# folder Qwen2's pre-tokenizer whatever its files say: the Llama models take the default model's
+# vocabulary, the Qwen2 ones llama.cpp's Qwen2 vocabulary file.
+VOCABS = {"llama": ("default", 49152), "qwen2": ("ggml-vocab-qwen2.gguf", 151936)}
+COMMON = dict(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+              initializer_range=0.2, rms_norm_eps=1e-5)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 128}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+LINEAR = {"rope_type": "linear", "factor": 2.0}
+
+LLAMA = dict(COMMON, vocab_size=VOCABS["llama"][1])
+QWEN2 = dict(COMMON, vocab_size=VOCABS["qwen2"][1])
+CASES = {
+    "llama": lambda: transformers.LlamaConfig(**LLAMA, tie_word_embeddings=False),
+    "llama-tied": lambda: transformers.LlamaConfig(**LLAMA, tie_word_embeddings=True),
+    # The issue's reproduction: Llama 3.1/3.2/3.3's rope scaling, which the converter stores only as
+    # the rope_freqs tensor.
+    "llama3-rope": lambda: transformers.LlamaConfig(**LLAMA, rope_theta=500000.0, rope_scaling=LLAMA3),
+    "llama-linear-rope": lambda: transformers.LlamaConfig(**LLAMA, rope_scaling=LINEAR),
+    "qwen2": lambda: transformers.Qwen2Config(**QWEN2, tie_word_embeddings=False),
+    "qwen2-yarn": lambda: transformers.Qwen2Config(**QWEN2, tie_word_embeddings=True, rope_scaling=YARN),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(tmp_path_factory):
+    """family -> a folder of HF tokenizer files, made by transformers' own GGUF reading (not ours)."""
+    from pyserve.loader.gguf_weights import default_gguf_path
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            source, size = VOCABS[family]
+            path = default_gguf_path() if source == "default" else str(llama_cpp_dir() / "models" / source)
+            tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+            assert len(tok) <= size
+            made[family] = tmp_path_factory.mktemp(f"tokenizer-{family}")
+            tok.save_pretrained(made[family])
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def converted(request, tmp_path_factory, tokenizer_files):
+    llama_cpp_dir()  # download llama.cpp's sources once, outside the converter's own error handling
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CASES[request.param](), dtype=torch.float32).eval()
+    if request.param.startswith("qwen2"):  # random but non-zero q/k/v biases
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    for f in tokenizer_files("qwen2" if request.param.startswith("qwen2") else "llama").iterdir():
+        shutil.copy(f, folder / f.name)
+    gguf = convert_hf_to_gguf(folder, folder / "model.gguf")
+    return request.param, model, gguf
+
+
+def prompts():
+    g = torch.Generator().manual_seed(42)
+    return [torch.randint(0, VOCABS["llama"][1], (n,), generator=g).tolist() for n in (4, 17, 200)]
+
+
+def test_last_position_logits_match_transformers(converted):
+    _, model, gguf = converted
+    ours = load_model(gguf, dtype="float32")
+    _, first_logits = PagedRunner(ours).generate(prompts(), max_new_tokens=1, chunk_size=64)
+    for p, logits in zip(prompts(), first_logits):
+        with torch.no_grad():
+            ref = model(torch.tensor([p])).logits[0, -1]
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_match_transformers(converted):
+    _, model, gguf = converted
+    ours = load_model(gguf, dtype="float32")
+    new, _ = PagedRunner(ours, block_size=8).generate(prompts(), max_new_tokens=24, chunk_size=64)
+    model.generation_config.eos_token_id = None  # our runner never stops at EOS
+    for p, got in zip(prompts(), new):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        assert got == ref
+
+
+def test_every_tensor_is_read(converted):
+    """What the converter wrote is either a weight we load or the rope factors; nothing is dropped."""
+    name, _, gguf = converted
+    with read_gguf(gguf) as f:
+        names = set(f.tensors)
+    assert not names & set(IGNORED_TENSORS)
+    assert (ROPE_FREQS in names) == (name == "llama3-rope")
+    assert ("output.weight" in names) == (not name.endswith(("tied", "yarn")))
