@@ -78,7 +78,7 @@ IGNORED_KEYS = {
 # Whole namespaces outside `{arch}.`.
 _NAMESPACES = {
     "general.": None,  # descriptive (name, license, file type...); general.alignment is the reader's
-    "tokenizer.": None,  # the tokenizer's (gguf_tokenizer_build)
+    "tokenizer.": None,  # the tokenizer's (gguf_tokenizer_keys)
     "quantize.": None,  # how the file was quantized (importance matrix provenance); computes nothing
 }
 
@@ -178,8 +178,10 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
                                     f"{rotary_dim} of head_dim {head_dim}) are not supported")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    eos_ids = tuple(dict.fromkeys(int(i) for i in (eos, eot) if i is not None))
+    # End of turn and end of message (Llama 3.1's <|eom_id|>, after a tool call) end generation too,
+    # as in llama.cpp and the models' own generation_config.json.
+    ends = (eos, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id"))
+    eos_ids = tuple(dict.fromkeys(int(i) for i in ends if i is not None))
     assert arch in SUPPORTED_ARCHITECTURES
     return ModelConfig(
         architecture=arch,

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from pyserve.loader.gguf_reader import GGUFFile, read_gguf
 from pyserve.loader.gguf_tokenizer_build import CONVERTER_VERSION, add_bos_eos, build_tokenizer, opt_int
+from pyserve.loader.gguf_tokenizer_keys import check_tokenizer_keys
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def load_tokenizer(
     f = gguf if isinstance(gguf, GGUFFile) else read_gguf(gguf)
     try:
         meta = f.metadata
+        check_tokenizer_keys(meta, f.path)
         tok = None
         cached = cache_path(f.path, cache_dir) if use_cache else None
         if cached:

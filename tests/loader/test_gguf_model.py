@@ -140,3 +140,15 @@ def test_wrong_number_of_rope_factors(tmp_path):
     path = write_llama(tmp_path / "m.gguf", extra_tensors={"rope_freqs.weight": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match="3 rope frequency factors for head_dim 8"):
         load_model(path, dtype="float32")
+
+
+def test_tokenizer_keys_are_read_ignored_with_reason_or_refused(tmp_path):
+    from pyserve.loader import load_tokenizer
+
+    kv = {"tokenizer.ggml.fim_pre_token_id": 1, "tokenizer.chat_template.tool_use": "{{ x }}",
+          "tokenizer.ggml.eom_token_id": 5, "tokenizer.ggml.eos_token_id": 4}
+    cfg = config_of(write_llama(tmp_path / "a.gguf", kv))
+    assert cfg.eos_token_ids == (4, 5)  # end of message stops generation, as in llama.cpp
+    with pytest.raises(GGUFError, match="'tokenizer.ggml.some_new_normalizer' is not understood"):
+        load_tokenizer(write_llama(tmp_path / "b.gguf", {"tokenizer.ggml.some_new_normalizer": True}),
+                       use_cache=False)
