@@ -6,11 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+from pyserve.registry import UnsupportedModelError, by_hf_config
 
-
-class UnsupportedModelError(ValueError):
-    pass
+__all__ = ["EngineConfig", "ModelConfig", "RopeConfig", "UnsupportedModelError"]
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -76,7 +74,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    architecture: str  # a pyserve.registry name
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -88,7 +86,8 @@ class ModelConfig:
     rope: RopeConfig
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 always; Llama when attention_bias
+    qkv_bias: bool  # Qwen2 always; Llama and Qwen3 when attention_bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rotary
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     sliding_window: int | None = None
@@ -97,12 +96,7 @@ class ModelConfig:
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> "ModelConfig":
         """From a config.json dict."""
-        arch = cfg.get("model_type", "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            names = cfg.get("architectures") or [arch or "<missing model_type>"]
-            raise UnsupportedModelError(
-                f"unsupported architecture {names[0]!r} (model_type {arch!r}); "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        arch = by_hf_config(cfg).name
         if cfg.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
         heads = int(cfg["num_attention_heads"])
@@ -125,6 +119,7 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "qwen3",
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             sliding_window=int(sliding) if sliding else None,

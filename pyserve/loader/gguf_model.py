@@ -18,13 +18,11 @@ import re
 import numpy as np
 import torch
 
-from pyserve.config import ModelConfig, RopeConfig, SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from pyserve.config import ModelConfig, RopeConfig, UnsupportedModelError
 from pyserve.loader.gguf_dequant import dequantize
 from pyserve.loader.gguf_reader import GGUFFile
 from pyserve.loader.gguf_types import GGUFError
-
-# GGUF architectures we read, and whether llama.cpp permuted their q/k rows.
-GGUF_ARCHITECTURES = {"llama": True, "qwen2": False}
+from pyserve.registry import by_gguf_name, by_name
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -35,6 +33,8 @@ _LAYER_NAMES = {
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -151,10 +151,7 @@ def _rope_config(meta: dict, arch: str, rope_freqs: torch.Tensor | None, path: s
 def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     """The ModelConfig of a GGUF file, after refusing what it holds that we would not reproduce."""
     meta = gguf.metadata
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{gguf.path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    arch = by_gguf_name(meta.get("general.architecture"), gguf.path).name
     _check_metadata(meta, arch, gguf.path)
     check_tensor_names(gguf, arch)
 
@@ -182,7 +179,6 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     # as in llama.cpp and the models' own generation_config.json.
     ends = (eos, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id"))
     eos_ids = tuple(dict.fromkeys(int(i) for i in ends if i is not None))
-    assert arch in SUPPORTED_ARCHITECTURES
     return ModelConfig(
         architecture=arch,
         vocab_size=int(vocab),
@@ -196,7 +192,8 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
         rope=_rope_config(meta, arch, read_rope_freqs(gguf), gguf.path),
         max_position_embeddings=int(need("context_length")),
         tie_word_embeddings="output.weight" not in gguf.tensors,
-        qkv_bias=arch == "qwen2",
+        qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in gguf.tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
         eos_token_ids=eos_ids,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
     )
@@ -244,7 +241,7 @@ def read_rope_freqs(gguf: GGUFFile) -> torch.Tensor | None:
 
 def gguf_to_hf_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path: str) -> dict[str, torch.Tensor]:
     """Rename (and un-permute) the file's tensors to HF names (check_tensor_names vetted them)."""
-    permuted = GGUF_ARCHITECTURES[cfg.architecture]
+    permuted = by_name(cfg.architecture).gguf_permuted_qk
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         hf = _hf_name(name)

@@ -8,6 +8,7 @@ import torch
 
 from pyserve.config import ModelConfig
 from pyserve.models.llama import AttentionMetadata, LlamaModel
+from pyserve.registry import model_class
 
 __all__ = ["AttentionMetadata", "LlamaModel", "ModelConfig", "load_model", "resolve_dtype"]
 
@@ -50,4 +51,4 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         raise ModelLoadError(f"{path}: no such file or folder")
     else:
         raise ModelLoadError(f"{path}: not a model (want an HF folder or a .gguf file)")
-    return LlamaModel(cfg, weights, device, resolve_dtype(dtype, device), max_positions)
+    return model_class(cfg.architecture)(cfg, weights, device, resolve_dtype(dtype, device), max_positions)

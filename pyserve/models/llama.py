@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2) on pyserve's kernels.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) on pyserve's kernels.
 
 One forward runs a flat batch of tokens from many sequences — prefill chunks
 and single-token decodes mixed — against the paged KV cache. Attention and
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,26 @@ class MissingWeightError(ModelLoadError):
     """A weight the architecture needs is absent or has the wrong shape."""
 
 
+class UnexpectedWeightError(ModelLoadError):
+    """The checkpoint holds a weight the architecture does not use."""
+
+
+# Checkpoint tensors that hold nothing we compute from, and why; any other tensor left over after
+# loading is an error, since dropping it silently would run a different model.
+IGNORED_WEIGHTS = {
+    re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"):
+        "older checkpoints saved the rotary inverse frequencies; they are recomputed from the config",
+}
+
+
+def _refuse_leftovers(w: dict[str, torch.Tensor]) -> None:
+    leftover = [k for k in w if not any(p.fullmatch(k) for p in IGNORED_WEIGHTS)]
+    if leftover:
+        more = f" and {len(leftover) - 3} more" if len(leftover) > 3 else ""
+        raise UnexpectedWeightError(f"weight {', '.join(sorted(leftover)[:3])}{more} is not used by this "
+                                    f"architecture; refusing to load a model it would change")
+
+
 class LlamaLayer:
     def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -50,6 +71,8 @@ class LlamaLayer:
             "self_attn.q_proj.bias": (q_size,),
             "self_attn.k_proj.bias": (kv_size,),
             "self_attn.v_proj.bias": (kv_size,),
+            "self_attn.q_norm.weight": (cfg.head_dim,),
+            "self_attn.k_norm.weight": (cfg.head_dim,),
             "self_attn.o_proj.weight": (cfg.hidden_size, q_size),
             "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
             "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
@@ -74,6 +97,8 @@ class LlamaLayer:
                                   take("self_attn.v_proj.bias")])
         self.qkv = Linear(torch.cat([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
                                      take("self_attn.v_proj.weight")]), qkv_bias)
+        self.q_norm = take("self_attn.q_norm.weight") if cfg.qk_norm else None
+        self.k_norm = take("self_attn.k_norm.weight") if cfg.qk_norm else None
         self.o = Linear(take("self_attn.o_proj.weight"))
         self.gate_up = Linear(torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]))
         self.down = Linear(take("mlp.down_proj.weight"))
@@ -95,6 +120,9 @@ class LlamaLayer:
         q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:  # Qwen3: each head normalised on its own, before rotary
+            for heads, weight in ((q, self.q_norm), (k, self.k_norm)):
+                heads.copy_(_ops.rms_norm(heads.reshape(-1, cfg.head_dim), weight, cfg.rms_norm_eps).view_as(heads))
         rotary(positions, q, k)  # in place, inside qkv
         key_cache, value_cache = kv_cache
         _ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
@@ -133,6 +161,7 @@ class LlamaModel:
             raise MissingWeightError(f"lm_head.weight has shape {tuple(lm_head.shape)}, the config implies "
                                      f"{tuple(self.embed.shape)}")
         self.lm_head = Linear(lm_head)
+        _refuse_leftovers(w)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope,
                                       device, dtype)
 

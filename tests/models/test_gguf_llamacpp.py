@@ -42,6 +42,8 @@ CASES = {
     "llama-linear-rope": lambda: transformers.LlamaConfig(**LLAMA, rope_scaling=LINEAR),
     "qwen2": lambda: transformers.Qwen2Config(**QWEN2, tie_word_embeddings=False),
     "qwen2-yarn": lambda: transformers.Qwen2Config(**QWEN2, tie_word_embeddings=True, rope_scaling=YARN),
+    # Per-head q/k RMSNorm and a head_dim that is not hidden / heads.
+    "qwen3": lambda: transformers.Qwen3Config(**QWEN2, head_dim=96, tie_word_embeddings=True),
 }
 
 
@@ -77,7 +79,7 @@ def converted(request, tmp_path_factory, tokenizer_files):
                     proj.bias.normal_(0, 0.5)
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
-    for f in tokenizer_files("qwen2" if request.param.startswith("qwen2") else "llama").iterdir():
+    for f in tokenizer_files("qwen2" if request.param.startswith("qwen") else "llama").iterdir():
         shutil.copy(f, folder / f.name)
     gguf = convert_hf_to_gguf(folder, folder / "model.gguf")
     return request.param, model, gguf
@@ -117,4 +119,4 @@ def test_every_tensor_is_read(converted):
         names = set(f.tensors)
     assert not names & set(IGNORED_TENSORS)
     assert (ROPE_FREQS in names) == (name == "llama3-rope")
-    assert ("output.weight" in names) == (not name.endswith(("tied", "yarn")))
+    assert ("output.weight" in names) == (not name.endswith(("tied", "yarn", "qwen3")))

@@ -36,12 +36,14 @@ def make_config(arch: str):
         return transformers.LlamaConfig(**COMMON, tie_word_embeddings=True)
     if arch == "qwen2":
         return transformers.Qwen2Config(**COMMON, tie_word_embeddings=False)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**COMMON, head_dim=96, tie_word_embeddings=False)
     if arch == "mistral":
         return transformers.MistralConfig(**COMMON, sliding_window=None)
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "llama3-rope", "llama-linear-rope", "llama-tied", "qwen2", "qwen2-yarn", "mistral"]
+ARCHS = ["llama", "llama3-rope", "llama-linear-rope", "llama-tied", "qwen2", "qwen2-yarn", "qwen3", "mistral"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -91,7 +93,7 @@ def test_greedy_tokens_match_generate(hf_model):
 
 def test_unsupported_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*supported: llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*supported: llama, mistral, qwen2, qwen3"):
         load_model(tmp_path)
 
 
@@ -106,3 +108,22 @@ def test_missing_and_corrupt_files(tmp_path, hf_model):
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="model.safetensors: cannot read safetensors"):
         load_model(tmp_path)
+
+
+def test_a_weight_the_architecture_does_not_use_is_refused(tmp_path, hf_model):
+    """transformers would warn and drop it; we refuse rather than run a different model."""
+    from safetensors.torch import load_file, save_file
+
+    from pyserve.models.llama import UnexpectedWeightError
+
+    _, folder = hf_model
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(COMMON["hidden_size"])
+    weights["model.layers.1.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # known and ignored
+    save_file(weights, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(UnexpectedWeightError, match=r"model.layers.0.self_attn.o_proj.bias is not used"):
+        load_model(tmp_path, dtype="float32")
+    del weights["model.layers.0.self_attn.o_proj.bias"]
+    save_file(weights, tmp_path / "model.safetensors")
+    load_model(tmp_path, dtype="float32")
