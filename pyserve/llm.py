@@ -26,17 +26,24 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One output per prompt, in order. A prompt is text or a list of token ids."""
+        """One output per prompt, in order. A prompt is text or a list of token ids. A request that
+        fails inside the engine comes back finished with finish_reason "error" and `error` set; the
+        others are unaffected."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"params: got {len(params_list)} for {len(prompts)} prompts")
         order = []
-        for prompt, p in zip(prompts, params_list):
-            rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, p)
-            order.append(rid)
+        try:
+            for prompt, p in zip(prompts, params_list):
+                rid = f"offline-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, p)
+                order.append(rid)
+        except BaseException:  # a bad prompt: none of this call's requests stay behind in the engine
+            for rid in order:
+                self.engine.abort(rid)
+            raise
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

@@ -14,6 +14,8 @@ from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+MAX_N = 128  # OpenAI's limit; every sample is a sequence the engine builds in one go
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _GREEDY_EPS = 1e-5
 
 
@@ -22,8 +24,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _int(name: str, v: Any) -> int:
+    """An integer (not a bool) that fits in a signed 64-bit integer, as every count, id and seed
+    must to reach the kernels (`torch.tensor` raises on anything larger)."""
     if not _is_int(v):
         raise ValueError(f"{name} must be an integer, got {v!r}")
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise ValueError(f"{name} must be a signed 64-bit integer, in [{INT64_MIN}, {INT64_MAX}], got {v}")
     return v
 
 
@@ -113,13 +119,14 @@ class SamplingParams:
     max_tokens: int | None = 16  # None = until the context limit
     min_tokens: int = 0
     logprobs: int | None = None  # top-N log-probabilities per generated token
+    prompt_logprobs: int | None = None  # top-N (plus the actual token) per prompt position
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
 
     def __post_init__(self) -> None:
         self.n = _int("n", self.n)
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        _in_range("n", self.n, 1, MAX_N)
 
         self.temperature = _float("temperature", self.temperature)
         if self.temperature < 0:
@@ -165,6 +172,14 @@ class SamplingParams:
         self.logprobs = _opt_int("logprobs", self.logprobs)
         if self.logprobs is not None:
             _in_range("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        self.prompt_logprobs = _opt_int("prompt_logprobs", self.prompt_logprobs)
+        if self.prompt_logprobs is not None:
+            _in_range("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        self.truncate_prompt_tokens = _opt_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1 \
+                and self.truncate_prompt_tokens != -1:
+            raise ValueError(f"truncate_prompt_tokens must be >= 1 (or -1 for the maximum context length), "
+                             f"got {self.truncate_prompt_tokens}")
 
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)

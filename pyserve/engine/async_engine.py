@@ -3,8 +3,11 @@ so the event loop keeps serving HTTP while batches run.
 
 Requests and aborts reach the thread through a thread-safe inbox; outputs
 come back to each request's asyncio queue with call_soon_threadsafe. The
-event loop never waits on a step. If a step raises, the engine is marked dead,
-every open stream gets the error, and `/health` can say so.
+event loop never waits on a step, nor on tokenizing a prompt: `prepare` runs
+that on a worker thread (the tokenizer releases the GIL). A request that fails
+inside the engine raises RequestFailedError from its own stream only. If a step
+as a whole raises, the engine is marked dead, every open stream gets the error,
+and `/health` can say so.
 
 The engine is best built on that same thread (pass a builder, not an engine).
 Every thread that runs a parallel torch op gets its own OpenMP thread pool,
@@ -22,8 +25,9 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
-from pyserve.engine.llm_engine import EngineStats, LLMEngine
+from pyserve.engine.llm_engine import EngineStats, LLMEngine, RequestFailedError
 from pyserve.outputs import RequestOutput
 from pyserve.sampling_params import SamplingParams
 
@@ -32,6 +36,9 @@ log = logging.getLogger("pyserve.engine")
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestFailedError"]
 
 
 class AsyncLLMEngine:
@@ -43,6 +50,9 @@ class AsyncLLMEngine:
         self._streams_lock = threading.Lock()
         self.dead: BaseException | None = None
         self._stopping = False
+        # Tokenizing and validating prompts: one thread, so that a burst of huge prompts takes one core at
+        # most from the model (which runs on its own thread), and the event loop none.
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyserve-prepare")
         build = (lambda: engine) if isinstance(engine, LLMEngine) else engine
         built = threading.Event()
         failure: list[BaseException] = []
@@ -66,13 +76,24 @@ class AsyncLLMEngine:
 
     # ---- called on the event loop --------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate now (ValueError for a bad request), then stream outputs.
+    async def run_off_loop(self, fn: Callable, *args):
+        """fn(*args) on the preparation thread (tokenizing, chat templates), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+
+    async def prepare(self, prompt: str | list[int], params: SamplingParams | None = None):
+        """Tokenize and validate off the event loop (ValueError for a bad request); the result goes to
+        add_request(prepared=...)."""
+        return await self.run_off_loop(self.engine.prepare_request, prompt, params)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None,
+                    params: SamplingParams | None = None, prepared=None) -> AsyncIterator[RequestOutput]:
+        """Validate now (ValueError for a bad request; tokenizes on the caller's thread unless
+        `prepared` comes from `prepare`), then stream outputs.
         Leaving the iterator early (client gone, task cancelled) aborts the request."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine has died: {self.dead!r}")
-        prepared = self.engine.prepare_request(prompt, params)
+        if prepared is None:
+            prepared = self.engine.prepare_request(prompt, params)
         q: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             if request_id in self._streams:
@@ -90,6 +111,9 @@ class AsyncLLMEngine:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise RequestFailedError(f"request {request_id} failed in the engine: {item.error}")
                 finished = item.finished
                 yield item
                 if finished:
@@ -109,6 +133,7 @@ class AsyncLLMEngine:
         self._stopping = True
         self._inbox.put(("wake", None, None))
         self._thread.join(timeout=30)
+        self._prep.shutdown(wait=False, cancel_futures=True)
 
     # ---- the worker thread ------------------------------------------------------------------------
 
@@ -136,6 +161,10 @@ class AsyncLLMEngine:
                     self.engine.add_request(rid, None, prepared=payload)
                 except ValueError as e:
                     self._deliver(rid, e)
+                except Exception as e:  # noqa: BLE001 - this request's failure; the engine is untouched
+                    log.error("request %s could not be added: %r", rid, e, exc_info=e)
+                    self._deliver(rid, RequestFailedError(f"request {rid} failed in the engine: "
+                                                          f"{type(e).__name__}: {e}"))
             elif kind == "abort":
                 out = self.engine.abort(rid)
                 if out is not None:

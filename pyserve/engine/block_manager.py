@@ -52,7 +52,7 @@ class BlockManager:
         if seq.fork_from is not None:
             self._fork(seq.fork_from, seq)
             return
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:  # cached positions would have no logits
             return
         lookup = (seq.num_tokens - 1) // self.block_size
         self.prefix_queries += seq.num_tokens

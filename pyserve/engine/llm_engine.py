@@ -1,5 +1,11 @@
 """The synchronous engine: requests in, one scheduled step at a time, outputs
-out. The offline `LLM` and the server's async bridge both drive it."""
+out. The offline `LLM` and the server's async bridge both drive it.
+
+A failure tied to one request (adding it, building its sampling inputs, scoring
+its prompt, appending its token, detokenizing, building its output) fails that
+request only: it finishes with finish_reason "error" and `RequestOutput.error`
+says why, its blocks are freed, and every other request carries on. A failure
+of the step as a whole (the forward pass, the sampling kernel) is raised."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import torch
 from pyserve.config import EngineConfig
 from pyserve.engine.block_manager import BlockManager
 from pyserve.engine.detokenizer import IncrementalDetokenizer
-from pyserve.engine.model_runner import ModelRunner, SampledToken
+from pyserve.engine.model_runner import ModelRunner, SampledToken, StepResult
 from pyserve.engine.scheduler import Scheduler
 from pyserve.engine.sequence import Sequence
 from pyserve.models import LlamaModel, load_model
@@ -23,6 +29,10 @@ from pyserve.outputs import CompletionOutput, RequestOutput
 from pyserve.sampling_params import SamplingParams
 
 log = logging.getLogger("pyserve.engine")
+
+
+class RequestFailedError(RuntimeError):
+    """A request failed inside the engine; the engine and the other requests are fine."""
 
 
 @dataclass
@@ -48,6 +58,20 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int  # computed (not served from the cache)
     generation_tokens: int
+
+
+def _guard(failed: dict[str, BaseException], request_id: str, fn, *args) -> bool:
+    """Run fn(*args); if it raises, record the exception against the request and return False."""
+    try:
+        fn(*args)
+        return True
+    except Exception as e:  # noqa: BLE001 - one request's failure, not the engine's
+        failed[request_id] = e
+        return False
+
+
+def _copy(items: list | None) -> list | None:
+    return None if items is None else list(items)
 
 
 def load_tokenizer_for(path: str | Path | None, eos_token_ids: tuple[int, ...]):
@@ -126,10 +150,18 @@ class LLMEngine:
         """Tokenize and validate without touching the engine's mutable state
         (safe from any thread). Raises ValueError naming what is wrong."""
         params = params or SamplingParams()
+        keep = params.truncate_prompt_tokens
+        if keep == -1:
+            keep = self.max_model_len
+        if keep is not None and keep > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens ({keep}) is greater than the maximum context length "
+                             f"({self.max_model_len})")
         if isinstance(prompt, str):
-            text, ids = prompt, self.encode(prompt)
+            text, ids = prompt, self.encode(prompt, bounded=keep is None)
         else:
             text, ids = None, list(prompt)
+        if keep is not None and len(ids) > keep:
+            text, ids = None, ids[-keep:]  # the last k tokens (vLLM); the text no longer matches them
         vocab = self.model.cfg.vocab_size
         if not ids:
             raise ValueError("prompt must not be empty")
@@ -149,34 +181,40 @@ class LLMEngine:
                              f"holds {self.num_blocks * self.config.block_size}")
         return text, ids, params
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, bounded: bool = True) -> list[int]:
         """Tokenize, refusing (ValueError) a text so long that it cannot fit the context whatever
-        its tokens, without spending the seconds it would take to tokenize it."""
+        its tokens, without spending the seconds it would take to tokenize it (bounded=False: the
+        caller truncates). The tokenizer releases the GIL (encode_batch does, encode does not), so
+        that a server tokenizing on a worker thread keeps its event loop running."""
         limit = self.max_model_len * self.tokenizer.max_bytes_per_token
-        if len(text) > limit:  # characters: a lower bound on its UTF-8 bytes
+        if bounded and len(text) > limit:  # characters: a lower bound on its UTF-8 bytes
             raise ValueError(f"context_length_exceeded: the prompt has {len(text)} characters; at most "
                              f"{self.tokenizer.max_bytes_per_token} bytes per token, that is more than the "
                              f"maximum context length of {self.max_model_len} tokens")
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
                     prepared: tuple[str | None, list[int], SamplingParams] | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids, params = prepared or self.prepare_request(prompt, params)
-        self._arrivals += 1
+        # Everything that can fail is built before the engine's state changes: nothing to undo.
         seqs, detoks = [], []
         for i in range(params.n):
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
             if params.seed is not None and i > 0:
                 seed = hash((params.seed, i)) & ((1 << 63) - 1)
-            seq = Sequence(self._next_seq_id, request_id, i, ids, params, seed, self._arrivals)
-            self._next_seq_id += 1
+            seq = Sequence(self._next_seq_id + i, request_id, i, ids, params, seed, self._arrivals + 1)
             if i > 0:
                 seq.fork_from = seqs[0]
+            elif params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]
             seqs.append(seq)
             detoks.append(IncrementalDetokenizer(self.tokenizer.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop or [], params.include_stop_str_in_output))
+        self._arrivals += 1
+        self._next_seq_id += params.n
+        for seq in seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = _Request(request_id, text, ids, params, seqs, detoks,
                                              [0] * params.n, [0] * params.n)
@@ -189,7 +227,10 @@ class LLMEngine:
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-        return self._output(req)
+        try:
+            return self._output(req)
+        except Exception as e:  # noqa: BLE001 - one request's failure, not the engine's
+            return self._fail(request_id, e)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -203,17 +244,38 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             prompt_part = max(0, min(seq.num_computed + n, len(seq.prompt_ids)) - seq.num_computed)
             self.prompt_tokens += prompt_part
-        sampled = self.runner.execute(batch)
+        result: StepResult = self.runner.execute(batch)  # raises only for the step as a whole
+        failed: dict[str, BaseException] = {seq.request_id: e for seq, e in result.failed}
         touched: dict[str, _Request] = {}
         for seq in batch.seqs:
-            self.block_manager.cache_full_blocks(seq)
-        for s in sampled:
-            self._append(s)
-            touched[s.seq.request_id] = self.requests[s.seq.request_id]
+            if seq.request_id not in failed:
+                _guard(failed, seq.request_id, self.block_manager.cache_full_blocks, seq)
+        for s in result.sampled:
+            rid = s.seq.request_id
+            if rid not in failed and _guard(failed, rid, self._append, s):
+                touched[rid] = self.requests[rid]
         outputs = []
-        for req in touched.values():
-            outputs.append(self._output(req))
+        for rid, req in touched.items():
+            if rid not in failed:
+                _guard(failed, rid, lambda r: outputs.append(self._output(r)), req)
+        for rid, e in failed.items():
+            outputs.append(self._fail(rid, e))
         return outputs
+
+    def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
+        """End a request that failed in the engine: every block back, finish_reason "error"."""
+        log.error("request %s failed in the engine: %s: %s", request_id, type(error).__name__, error,
+                  exc_info=error)
+        req = self.requests.pop(request_id)
+        outs = []
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+            outs.append(CompletionOutput(index=seq.index, text="", token_ids=list(seq.output_ids),
+                                         finish_reason="error"))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens,
+                             error=f"{type(error).__name__}: {error}")
 
     def _append(self, s: SampledToken) -> None:
         seq = s.seq
@@ -263,7 +325,8 @@ class LLMEngine:
         finished = all(s.finished for s in req.seqs)
         if finished:
             del self.requests[req.request_id]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.num_cached_tokens)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.num_cached_tokens,
+                             prompt_logprobs=_copy(req.seqs[0].prompt_logprobs))
 
     def stats(self) -> EngineStats:
         return EngineStats(

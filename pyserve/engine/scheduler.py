@@ -7,6 +7,9 @@ chunks while decodes keep flowing). Then waiting sequences are admitted while
 budget, `max_num_seqs` and free blocks allow. When blocks run out, the most
 recently admitted running sequence is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed later.
+
+A sequence scoring its prompt (prompt_logprobs) takes at most
+PROMPT_LOGPROBS_CHUNK prompt tokens a step: each needs a row of logits.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 
 from pyserve.engine.block_manager import BlockManager
 from pyserve.engine.sequence import Sequence, SequenceStatus
+
+# Prompt tokens a step may score for one sequence with prompt_logprobs (a [tokens, vocab] fp32 logits block).
+PROMPT_LOGPROBS_CHUNK = 256
 
 
 @dataclass
@@ -51,6 +57,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        if seq.needs_prompt_logprobs:
+            n = min(n, PROMPT_LOGPROBS_CHUNK)
+        return n
+
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         seqs: list[Sequence] = []
@@ -62,7 +75,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted below, earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
             if n <= 0:
                 continue
             while not self.blocks.ensure_slots(seq, n):
@@ -88,7 +101,7 @@ class Scheduler:
                         break  # wait for the parent's prompt, keeping FCFS order
             if not seq.admitted:
                 self.blocks.admit(seq)
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._chunk(seq, budget)
             if not self.blocks.ensure_slots(seq, n):
                 # A waiting sequence holds no blocks: kept, the prefix blocks its admission took could be
                 # exactly what the sequence preempted in front of it needs, with nothing running to free

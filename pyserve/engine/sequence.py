@@ -36,6 +36,8 @@ class Sequence:
     stop_reason: str | int | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     sampled_logprobs: list[float] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs (first sample only): filled a chunk at a time, [None] + one per position.
+    prompt_logprobs: list | None = None
     # n > 1: siblings wait for the first sample's prompt and fork its blocks.
     fork_from: "Sequence | None" = None
 
@@ -54,6 +56,11 @@ class Sequence:
         if start >= p:
             return self.output_ids[start - p : end - p]
         return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions still to score: they must be computed, not taken from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def finished(self) -> bool:

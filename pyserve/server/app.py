@@ -21,7 +21,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 import pyserve
-from pyserve.engine.async_engine import EngineDeadError
+from pyserve.engine.async_engine import EngineDeadError, RequestFailedError
 from pyserve.engine.chat_template import ChatTemplateError, render_chat
 from pyserve.server import protocol
 from pyserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -212,14 +212,16 @@ def _track(state: State, tr: _Tracker, out) -> None:
                                      sum(len(o.token_ids) for o in out.outputs))
 
 
-def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: str):
-    """Validate and add every prompt, or none (a bad one aborts those already added)."""
+async def _add_all(state: State, base_id: str, prompts: list, params, prompt_param: str):
+    """Validate and add every prompt, or none (a bad one aborts those already added). Prompts are
+    tokenized off the event loop, which keeps serving (/health included) meanwhile."""
     state.check_queue(len(prompts))
     rids, iters = [], []
     try:
-        for i, prompt in enumerate(prompts):
+        prepared = [await state.aengine.prepare(prompt, params) for prompt in prompts]
+        for i, prep in enumerate(prepared):
             rid = f"{base_id}-{i}"
-            iters.append(state.aengine.add_request(rid, prompt, params))
+            iters.append(state.aengine.add_request(rid, None, prepared=prep))
             rids.append(rid)
     except ValueError as e:
         for rid in rids:
@@ -407,6 +409,8 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                 return _error(e)
             except EngineDeadError as e:
                 return _error(APIError(503, str(e), type="engine_dead"))
+            except RequestFailedError as e:  # a bug, not the client's fault; the engine lives on
+                return _error(APIError(500, str(e), type="internal_error"))
             except ValueError as e:
                 return _error(protocol.from_value_error(e))
             finally:
@@ -450,8 +454,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         body = _json_body(request)
         state.check_model(body.get("model"))
         if "messages" in body:
-            ids = _chat_prompt_ids(body)
-            add_special = body.get("add_special_tokens", False)
+            ids = await _chat_prompt_ids(body)
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
@@ -459,7 +462,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
             add_special = body.get("add_special_tokens", True)
             if not isinstance(add_special, bool):
                 raise APIError(400, "add_special_tokens must be a boolean", param="add_special_tokens")
-            ids = state.engine.encode(prompt, add_special_tokens=add_special)
+            ids = await state.aengine.run_off_loop(state.engine.encode, prompt, add_special)
         return _json({"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids})
 
     @app.post("/detokenize")
@@ -473,13 +476,17 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                 for t in ids):
             raise APIError(400, f"tokens must be a list of token ids in [0, {vocab})", param="tokens")
-        return _json({"prompt": state.tokenizer.decode(ids)})
+        return _json({"prompt": await state.aengine.run_off_loop(state.tokenizer.decode, ids)})
 
-    def _chat_prompt_ids(body_or_req) -> list[int]:
+    async def _chat_prompt_ids(body_or_req) -> list[int]:
+        """The chat's prompt tokens, rendered and tokenized off the event loop."""
         if isinstance(body_or_req, dict):
             req = protocol.parse_chat({**body_or_req, "max_tokens": None, "stream": False})
         else:
             req = body_or_req
+        return await state.aengine.run_off_loop(_render_and_encode, req)
+
+    def _render_and_encode(req) -> list[int]:
         tok = state.tokenizer
         template = args.chat_template_text or tok.chat_template
         try:
@@ -504,7 +511,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         n = req.params.n
-        rids, iters, trackers = _add_all(state, cid, req.prompts, req.params, "prompt")
+        rids, iters, trackers = await _add_all(state, cid, req.prompts, req.params, "prompt")
         want_lp = req.params.logprobs is not None
 
         def echo_text(i: int, out) -> str:
@@ -583,7 +590,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
             if req.include_usage:
                 await resp.send(chunk([], _usage(sum(prompt_tokens.values()), sum(completion_tokens.values()),
                                                  sum(cached.values()))))
-        except (EngineDeadError, ValueError) as e:
+        except (EngineDeadError, RequestFailedError, ValueError) as e:
             await resp.send(_sse(protocol.error_body(str(e), "engine_error")))
         await resp.send(b"data: [DONE]\n\n")
         await resp.eof()
@@ -598,10 +605,10 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         req = protocol.parse_chat(_json_body(request))
         model = state.check_model(req.model)
         tok = state.tokenizer
-        ids = _chat_prompt_ids(req)
+        ids = await _chat_prompt_ids(req)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        rids, iters, trackers = _add_all(state, cid, [ids], req.params, "messages")
+        rids, iters, trackers = await _add_all(state, cid, [ids], req.params, "messages")
         want_lp = req.top_logprobs is not None
 
         if not req.stream:
@@ -663,7 +670,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                 await resp.send(chunk([], _usage(len(last.prompt_token_ids),
                                                  sum(len(o.token_ids) for o in last.outputs),
                                                  last.num_cached_tokens)))
-        except (EngineDeadError, ValueError) as e:
+        except (EngineDeadError, RequestFailedError, ValueError) as e:
             await resp.send(_sse(protocol.error_body(str(e), "engine_error")))
         await resp.send(b"data: [DONE]\n\n")
         await resp.eof()

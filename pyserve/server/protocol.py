@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from pyserve.sampling_params import SamplingParams
+from pyserve.sampling_params import INT64_MAX, SamplingParams
 
 
 class APIError(Exception):
@@ -139,8 +139,8 @@ def _max_tokens(body: dict, names: tuple[str, ...], default: int | None) -> int 
         if v is not None:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise APIError(400, f"{name} must be an integer, got {v!r}", param=name)
-            if v < 1:
-                raise APIError(400, f"{name} must be >= 1, got {v}", param=name)
+            if not 1 <= v <= INT64_MAX:
+                raise APIError(400, f"{name} must be in [1, {INT64_MAX}], got {v}", param=name)
             return v
     return default
 

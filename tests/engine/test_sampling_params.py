@@ -115,6 +115,21 @@ INVALID = [
     ("logprobs", 2.0),
     ("skip_special_tokens", 0),
     ("include_stop_str_in_output", "false"),
+    # Integers past int64 reach torch.tensor and raise there, in the engine (issue 19).
+    ("seed", 2 ** 63),
+    ("seed", -(2 ** 63) - 1),
+    ("n", 129),
+    ("n", 2 ** 64),
+    ("top_k", 2 ** 63),
+    ("max_tokens", 2 ** 63),
+    ("min_tokens", 2 ** 70),
+    ("stop_token_ids", [1, 2 ** 63]),
+    ("prompt_logprobs", -1),
+    ("prompt_logprobs", 21),
+    ("prompt_logprobs", 1.0),
+    ("truncate_prompt_tokens", 0),
+    ("truncate_prompt_tokens", -2),
+    ("truncate_prompt_tokens", 2 ** 64),
 ]
 
 
@@ -129,6 +144,8 @@ def test_valid_edges():
     SamplingParams(temperature=0, top_p=1, top_k=1, min_p=1, presence_penalty=-2, frequency_penalty=2)
     SamplingParams(repetition_penalty=1e-3, max_tokens=1, min_tokens=1, logit_bias={0: -100, 1: 100})
     SamplingParams(stop=[f"s{i}" for i in range(16)], stop_token_ids=[0, 5], seed=0, n=4)
+    SamplingParams(seed=-(2 ** 63), n=128, top_k=2 ** 63 - 1, prompt_logprobs=20, truncate_prompt_tokens=-1)
+    SamplingParams(seed=2 ** 63 - 1, prompt_logprobs=0, truncate_prompt_tokens=1)
 
 
 def test_validate_for_vocab():

@@ -247,3 +247,63 @@ def test_wrong_type_chat(server, field):
             wrong = "high"
         body = {**CHAT, "logprobs": True, field: wrong} if field == "top_logprobs" else {**CHAT, field: wrong}
         _check(*http("POST", server.url + "/v1/chat/completions", body), 400, field)
+
+
+# ---- integer ranges (issue 19: a seed past int64 killed the engine until a restart) ----
+
+I64 = 2 ** 63
+OUT_OF_RANGE = [  # (endpoint, field, value); each is a 400 naming the field, and the engine lives on
+    ("completions", "seed", -I64 - 1), ("completions", "seed", I64), ("chat", "seed", -I64 - 1),
+    ("completions", "n", 0), ("completions", "n", 129), ("chat", "n", I64),
+    ("completions", "max_tokens", I64), ("chat", "max_completion_tokens", I64), ("chat", "max_tokens", I64),
+    ("completions", "min_tokens", I64), ("completions", "top_k", -2), ("chat", "top_k", I64),
+    ("completions", "logprobs", 21), ("completions", "logprobs", -1), ("chat", "top_logprobs", -1),
+    ("chat", "top_logprobs", I64), ("completions", "stop_token_ids", [I64]), ("chat", "stop_token_ids", [-1]),
+    ("completions", "logit_bias", {str(I64): 1}), ("completions", "prompt", [I64]),
+    ("completions", "prompt", [[1], [-I64 - 1]]),
+]
+
+
+@pytest.mark.parametrize("endpoint,field,value", OUT_OF_RANGE)
+def test_integer_out_of_range_is_400_naming_it(server, endpoint, field, value):
+    if endpoint == "chat":
+        body = {**CHAT, field: value, **({"logprobs": True} if field == "top_logprobs" else {})}
+    else:
+        body = {"prompt": "hi", "max_tokens": 2, field: value}
+    _check(*http("POST", f"{server.url}/v1/{endpoint.replace('chat', 'chat/completions')}", body), 400, field)
+    assert http("GET", server.url + "/health")[0] == 200
+
+
+def test_integer_edges_are_served(server):
+    for extra in ({"seed": -I64}, {"seed": I64 - 1}, {"top_k": I64 - 1}, {"n": 2, "seed": I64 - 1}):
+        status, body = http("POST", server.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2, **extra})
+        assert status == 200, (extra, body)
+        assert all(c["finish_reason"] == "length" for c in body["choices"])
+    assert http("GET", server.url + "/health")[0] == 200
+
+
+def test_health_stays_fast_while_big_prompts_are_tokenized(server):
+    """Prompts short enough in characters to need tokenizing, too long in tokens to serve: tokenized on
+    the event loop, 20 of them held /health for seconds (issue 19); off it, /health answers at once."""
+    import threading
+    import time
+
+    big = "the quick brown fox jumps over the lazy dog " * 4500  # 198 kB, ~45k tokens
+    assert len(big) < MAX_MODEL_LEN * 100  # under the untokenized bound (longest token >= 100 bytes)
+    answers = []
+    senders = [threading.Thread(target=lambda: answers.append(
+        http("POST", server.url + "/v1/completions", {"prompt": big, "max_tokens": 1})[1]))
+        for _ in range(20)]
+    for t in senders:
+        t.start()
+    latencies = []
+    while any(t.is_alive() for t in senders):
+        t0 = time.perf_counter()
+        assert http("GET", server.url + "/health")[0] == 200
+        latencies.append(time.perf_counter() - t0)
+        time.sleep(0.02)
+    for t in senders:
+        t.join()
+    assert len(answers) == 20 and all(a["error"]["code"] == "context_length_exceeded" for a in answers)
+    assert "tokens" in answers[0]["error"]["message"]  # refused after tokenizing, not by its length
+    assert len(latencies) >= 5 and max(latencies) < 0.5, sorted(latencies)[-5:]
