@@ -13,7 +13,7 @@ TORCH_LIBRARY(pyserve, m) {
   m.def(
       "paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
-      "float scale, int max_seq_len) -> Tensor");
+      "float scale, int max_seq_len, int? sliding_window=None, float? logits_soft_cap=None) -> Tensor");
   m.def("copy_blocks(Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor block_mapping) -> ()");
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, "
@@ -21,8 +21,12 @@ TORCH_LIBRARY(pyserve, m) {
       "Tensor presence_penalty, Tensor frequency_penalty, Tensor? prompt_token_ids, "
       "Tensor? output_token_ids, Tensor? logit_bias_ids, Tensor? logit_bias_values, "
       "int num_top_logprobs) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
-  m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("rms_norm(Tensor input, Tensor weight, float eps, float weight_offset=0.0) -> Tensor");
+  m.def("rms_norm_inplace(Tensor(a!) input, Tensor weight, float eps, float weight_offset=0.0) -> ()");
+  m.def(
+      "fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps, "
+      "float weight_offset=0.0) -> ()");
   m.def("silu_and_mul(Tensor input) -> Tensor");
+  m.def("gelu_tanh_and_mul(Tensor input) -> Tensor");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
 }

@@ -2,7 +2,10 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
+#include <vector>
 
 namespace pyserve {
 namespace {
@@ -133,7 +136,8 @@ void check_compute_slot_mapping(const at::Tensor& block_tables, const at::Tensor
 
 void check_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, int64_t max_seq_len) {
+                           const at::Tensor& query_start_loc, int64_t max_seq_len,
+                           std::optional<int64_t> sliding_window, std::optional<double> logits_soft_cap) {
   check_cache_pair(key_cache, value_cache);
   check_dim(query, "query", 3, "[num_tokens, num_heads, head_dim]");
   TORCH_CHECK(query.scalar_type() == key_cache.scalar_type(), "query dtype ", query.scalar_type(),
@@ -150,6 +154,16 @@ void check_paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
               " heads, which is not a multiple of key_cache's ", num_kv_heads, " KV heads");
   check_batch_layout(block_tables, seq_lens, query_start_loc, query, "query");
   TORCH_CHECK(max_seq_len >= 0, "max_seq_len must be >= 0, got ", max_seq_len);
+  // Every integer is a valid sliding_window (<= 0 = off), so there is nothing to check there.
+  (void)sliding_window;
+  if (logits_soft_cap.has_value()) {
+    const double cap = *logits_soft_cap;
+    TORCH_CHECK(std::isfinite(cap), "logits_soft_cap must be finite (<= 0 or None = off), got ", cap);
+    // The kernels compute in fp32 with s * (1 / cap): both must be finite.
+    TORCH_CHECK(cap <= 0 || (std::isfinite(static_cast<float>(cap)) && static_cast<float>(cap) > 0.f &&
+                             std::isfinite(1.f / static_cast<float>(cap))),
+                "logits_soft_cap must be between 1e-38 and 3e38 in float32 when positive, got ", cap);
+  }
 }
 
 void check_copy_blocks(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_mapping) {
@@ -200,15 +214,18 @@ void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const
               "], got ", num_top_logprobs);
 }
 
-static void check_norm_weight(const at::Tensor& weight, const at::Tensor& input, const char* input_name, double eps) {
+static void check_norm_weight(const at::Tensor& weight, const at::Tensor& input, const char* input_name, double eps,
+                              double weight_offset) {
   check_dim(weight, "weight", 1, "[hidden]");
-  TORCH_CHECK(weight.size(0) == input.size(1), "weight has ", weight.size(0), " entries but ", input_name, " rows have ",
-              input.size(1));
+  TORCH_CHECK(weight.size(0) == input.size(-1), "weight has ", weight.size(0), " entries but ", input_name,
+              " rows have ", input.size(-1));
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(), " differs from ",
               input_name, " dtype ", input.scalar_type());
   check_contiguous(weight, "weight");
   check_same_device(weight, "weight", input, input_name);
   TORCH_CHECK(eps >= 0 && std::isfinite(eps), "eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK(std::isfinite(weight_offset), "weight_offset must be finite (0: Llama's weight, 1: Gemma's 1 + weight), got ",
+              weight_offset);
 }
 
 static void check_float_rows(const at::Tensor& t, const char* name, const char* shape) {
@@ -218,13 +235,39 @@ static void check_float_rows(const at::Tensor& t, const char* name, const char* 
               t.strides());
 }
 
-void check_rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
+void check_rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset) {
   check_float_rows(input, "input", "[num_tokens, hidden]");
-  check_norm_weight(weight, input, "input", eps);
+  check_norm_weight(weight, input, "input", eps, weight_offset);
+}
+
+void check_rms_norm_inplace(const at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset) {
+  TORCH_CHECK(input.dim() == 2 || input.dim() == 3,
+              "input must be 2-D [num_tokens, hidden] or 3-D [num_tokens, num_heads, head_dim], got shape ",
+              input.sizes());
+  TORCH_CHECK(is_float_type(input.scalar_type()), "input must be float32, float16 or bfloat16, got ",
+              input.scalar_type());
+  TORCH_CHECK(input.stride(-1) == 1 || input.size(-1) <= 1,
+              "input must have a contiguous last dimension (stride(-1) == 1), got strides ", input.strides());
+  // Written in place, so no two rows may share memory: taken by increasing
+  // stride, each leading dimension must step past everything the ones
+  // before it span (holds for any slice of a dense tensor, e.g. the q or k
+  // heads of a fused QKV projection).
+  std::vector<std::pair<int64_t, int64_t>> outer;  // (stride, size) of the leading dims with size > 1
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) {
+    if (input.size(d) > 1) outer.emplace_back(input.stride(d), input.size(d));
+  }
+  std::sort(outer.begin(), outer.end());
+  int64_t extent = input.size(-1);
+  for (const auto& [stride, size] : outer) {
+    TORCH_CHECK(stride >= extent, "input rows overlap in memory (sizes ", input.sizes(), ", strides ",
+                input.strides(), "); rms_norm_inplace writes every row in place");
+    extent = stride * (size - 1) + extent;
+  }
+  check_norm_weight(weight, input, "input", eps, weight_offset);
 }
 
 void check_fused_add_rms_norm(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
-                              double eps) {
+                              double eps, double weight_offset) {
   check_float_rows(input, "input", "[num_tokens, hidden]");
   check_contiguous(input, "input");
   check_dim(residual, "residual", 2, "[num_tokens, hidden]");
@@ -234,13 +277,15 @@ void check_fused_add_rms_norm(const at::Tensor& input, const at::Tensor& residua
               " differs from input dtype ", input.scalar_type());
   check_contiguous(residual, "residual");
   check_same_device(residual, "residual", input, "input");
-  check_norm_weight(weight, input, "input", eps);
+  check_norm_weight(weight, input, "input", eps, weight_offset);
 }
 
 void check_silu_and_mul(const at::Tensor& input) {
   check_float_rows(input, "input", "[num_tokens, 2 * d]");
   TORCH_CHECK(input.size(1) % 2 == 0, "input's last dimension must be even ([gate | up]), got ", input.size(1));
 }
+
+void check_gelu_tanh_and_mul(const at::Tensor& input) { check_silu_and_mul(input); }
 
 void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& cos, const at::Tensor& sin) {

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace pyserve {
 
@@ -19,7 +20,8 @@ void check_compute_slot_mapping(const at::Tensor& block_tables, const at::Tensor
 
 void check_paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, int64_t max_seq_len);
+                           const at::Tensor& query_start_loc, int64_t max_seq_len,
+                           std::optional<int64_t> sliding_window, std::optional<double> logits_soft_cap);
 
 void check_copy_blocks(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_mapping);
 
@@ -30,12 +32,16 @@ void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const
                   const c10::optional<at::Tensor>& output_token_ids, const c10::optional<at::Tensor>& logit_bias_ids,
                   const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs);
 
-void check_rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps);
+void check_rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset);
+
+void check_rms_norm_inplace(const at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset);
 
 void check_fused_add_rms_norm(const at::Tensor& input, const at::Tensor& residual, const at::Tensor& weight,
-                              double eps);
+                              double eps, double weight_offset);
 
 void check_silu_and_mul(const at::Tensor& input);
+
+void check_gelu_tanh_and_mul(const at::Tensor& input);
 
 void check_rotary_embedding(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& cos, const at::Tensor& sin);

@@ -55,9 +55,16 @@ def paged_attention(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
     scale: float,
     max_seq_len: int,
+    sliding_window: int | None = None,  # keys a query sees, its own included; None or <= 0 = off
+    logits_soft_cap: float | None = None,  # scores -> cap * tanh(scores / cap); None or <= 0 = off
 ) -> torch.Tensor:
-    """Causal varlen attention over the paged cache: [num_tokens, num_heads, head_dim]."""
-    return _ops.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len)
+    """Causal varlen attention over the paged cache: [num_tokens, num_heads, head_dim].
+
+    The query at position p attends to the key at position j iff j <= p and,
+    with a window W, p - j < W (transformers' sliding-window causal mask).
+    Scores are ``scale * q.k``, soft-capped (Gemma 2) before the softmax."""
+    return _ops.paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+                                max_seq_len, sliding_window, logits_soft_cap)
 
 
 def copy_blocks(
@@ -101,9 +108,22 @@ def rms_norm(
     input: torch.Tensor,  # [num_tokens, hidden], dense rows
     weight: torch.Tensor,  # [hidden]
     eps: float,
+    weight_offset: float = 0.0,  # 0: Llama's weight; 1: Gemma's (1 + weight), with Gemma's rounding
 ) -> torch.Tensor:
-    """weight * input / sqrt(mean(input^2) + eps) per row: [num_tokens, hidden]."""
-    return _ops.rms_norm(input, weight, eps)
+    """(weight_offset + weight) * input / sqrt(mean(input^2) + eps) per row: [num_tokens, hidden]."""
+    return _ops.rms_norm(input, weight, eps, weight_offset)
+
+
+def rms_norm_inplace(
+    input: torch.Tensor,  # [num_tokens, hidden] or [num_tokens, num_heads, head_dim], stride(-1) == 1
+    weight: torch.Tensor,  # [input.shape[-1]]
+    eps: float,
+    weight_offset: float = 0.0,  # 0: Llama's weight; 1: Gemma's (1 + weight)
+) -> None:
+    """rms_norm over the last dimension, in place, on a strided view: e.g. the
+    q heads of a fused QKV projection, ``qkv[:, :H * D].view(T, H, D)`` (Qwen3's
+    and Gemma 3's per-head q/k norms), with no copy."""
+    _ops.rms_norm_inplace(input, weight, eps, weight_offset)
 
 
 def fused_add_rms_norm(
@@ -111,14 +131,20 @@ def fused_add_rms_norm(
     residual: torch.Tensor,  # [num_tokens, hidden], contiguous; becomes input + residual
     weight: torch.Tensor,  # [hidden]
     eps: float,
+    weight_offset: float = 0.0,  # 0: Llama's weight; 1: Gemma's (1 + weight)
 ) -> None:
     """residual += input; input = rms_norm(residual) (both in place)."""
-    _ops.fused_add_rms_norm(input, residual, weight, eps)
+    _ops.fused_add_rms_norm(input, residual, weight, eps, weight_offset)
 
 
 def silu_and_mul(input: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] = [gate | up]
     """silu(gate) * up: [num_tokens, d]."""
     return _ops.silu_and_mul(input)
+
+
+def gelu_tanh_and_mul(input: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * d] = [gate | up]
+    """gelu(gate, approximate="tanh") * up: [num_tokens, d] (Gemma's MLP)."""
+    return _ops.gelu_tanh_and_mul(input)
 
 
 def rotary_embedding(
@@ -139,7 +165,8 @@ def _compute_slot_mapping_fake(block_tables, seq_lens, query_start_loc, block_si
 
 
 @torch.library.register_fake("pyserve::paged_attention")
-def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len):
+def _paged_attention_fake(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len,
+                          sliding_window=None, logits_soft_cap=None):
     return query.new_empty(query.shape)
 
 
@@ -167,17 +194,27 @@ def _sample_fake(logits, temperature, top_k, top_p, min_p, seeds, steps, repetit
 
 
 @torch.library.register_fake("pyserve::rms_norm")
-def _rms_norm_fake(input, weight, eps):
+def _rms_norm_fake(input, weight, eps, weight_offset=0.0):
     return input.new_empty(input.shape)
 
 
+@torch.library.register_fake("pyserve::rms_norm_inplace")
+def _rms_norm_inplace_fake(input, weight, eps, weight_offset=0.0):
+    return None
+
+
 @torch.library.register_fake("pyserve::fused_add_rms_norm")
-def _fused_add_rms_norm_fake(input, residual, weight, eps):
+def _fused_add_rms_norm_fake(input, residual, weight, eps, weight_offset=0.0):
     return None
 
 
 @torch.library.register_fake("pyserve::silu_and_mul")
 def _silu_and_mul_fake(input):
+    return input.new_empty((input.shape[0], input.shape[1] // 2))
+
+
+@torch.library.register_fake("pyserve::gelu_tanh_and_mul")
+def _gelu_tanh_and_mul_fake(input):
     return input.new_empty((input.shape[0], input.shape[1] // 2))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -13,24 +14,35 @@ import torch
 CUDA_CALLS_PER_SAMPLE = 20
 
 
-def timed_side_by_side(fns: dict, iters: int, warmup: int, device: str) -> dict[str, tuple[float, float]]:
+def timed_side_by_side(fns: dict, iters: int, warmup: int, device: str,
+                       thread_time: bool = False, shuffle: bool = False) -> dict[str, tuple[float, float]]:
     """(median, min) seconds per call of each function. Calls are interleaved
     (A B C A B C ...) so that a noisy neighbour slows all of them alike; the
-    min is the robust number on a shared machine."""
+    min is the robust number on a shared machine. thread_time (CPU, one torch
+    thread only): count the calling thread's CPU time instead of wall time,
+    so that time slices lost to other processes do not count (their cache
+    pollution still does). shuffle: each round calls the functions in a new
+    (seeded) random order, so that none always runs right after the same
+    neighbour (one that streams a lot of memory leaves a colder cache)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    items = list(fns.items())
+    rng = random.Random(0)
     for _ in range(iters):
-        for name, fn in fns.items():
-            samples[name].append(_cuda_sample(fn) if device == "cuda" else _cpu_sample(fn))
+        if shuffle:
+            rng.shuffle(items)
+        for name, fn in items:
+            samples[name].append(_cuda_sample(fn) if device == "cuda" else _cpu_sample(fn, thread_time))
     return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
-def _cpu_sample(fn) -> float:
-    start = time.perf_counter()
+def _cpu_sample(fn, thread_time: bool = False) -> float:
+    clock = time.thread_time if thread_time else time.perf_counter
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _cuda_sample(fn) -> float:

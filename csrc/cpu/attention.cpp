@@ -7,6 +7,13 @@
 // online softmax (flash-attention style): scores for the block, one rescale of
 // the accumulators, then the weighted V rows. Math is fp32 whatever the
 // storage dtype.
+//
+// Sliding window (window W > 0): the row at position p sees keys
+// max(0, p - W + 1) .. p, so a work item starts at the block of its first
+// row's first key and each row consumes only its own key range (which may
+// begin and end inside a block). Soft-cap (cap > 0): the scaled scores of a
+// row's range go through cap * tanh(s / cap) before the max and the exps.
+// With neither, the loops do exactly what they did before these existed.
 #include "dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
@@ -38,7 +45,9 @@ struct WorkItem {
 struct Geometry {
   int64_t num_heads, num_kv_heads, group, head_dim, block_size, max_blocks, num_blocks;
   int64_t q_token_stride, out_token_stride;
+  int64_t window;  // > 0: sliding window in keys; 0: off
   float scale;
+  float soft_cap;  // > 0: logit soft-cap; 0: off
 };
 
 template <typename T>
@@ -65,10 +74,13 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
   std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
   std::fill(l, l + rows, 0.f);
 
-  // The tile's last token sees the most keys; each row stops at its own position.
+  // The tile's last token sees the most keys; each row stops at its own
+  // position. With a window the tile's first token has the lowest first key.
   const int64_t kv_len = first_pos + item.num_tokens;
+  const int64_t kv_lo = g.window > 0 ? std::max<int64_t>(0, first_pos - g.window + 1) : 0;
   const int64_t token_stride = g.num_kv_heads * D;  // between consecutive slots of a block
   const int64_t num_kv_blocks = (kv_len + g.block_size - 1) / g.block_size;
+  const int64_t first_block = kv_lo / g.block_size;
   const int64_t chunk_blocks = std::max<int64_t>(1, kChunkKeys / g.block_size);
   // The unit's span of one block, from its first KV head's first slot to its
   // last KV head's last slot: what the prefetcher must bring in per block.
@@ -78,7 +90,7 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
     return cache + block_table[b] * g.block_size * token_stride + kvh * D;
   };
 
-  for (int64_t b0 = 0; b0 < num_kv_blocks; b0 += chunk_blocks) {
+  for (int64_t b0 = first_block; b0 < num_kv_blocks; b0 += chunk_blocks) {
     const int64_t b1 = std::min(num_kv_blocks, b0 + chunk_blocks);
     const int64_t p1 = std::min(num_kv_blocks, b1 + chunk_blocks);
     for (int64_t b = b0; b < p1; ++b) {
@@ -105,22 +117,35 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
 
     for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
       for (int64_t t = 0; t < item.num_tokens; ++t) {
-        // Causal: the row at position p sees keys 0..p.
-        const int64_t visible = std::min((b1 - b0) * g.block_size, first_pos + t + 1 - b0 * g.block_size);
+        // Causal: the row at position p sees keys 0..p, or with a window
+        // p - W + 1..p; here the part of them inside this chunk, [k_lo, k_hi).
+        const int64_t p = first_pos + t;
+        const int64_t row_lo = g.window > 0 ? std::max<int64_t>(0, p - g.window + 1) : 0;
+        const int64_t k_lo = std::max(row_lo, b0 * g.block_size);
+        const int64_t k_hi = std::min(p + 1, b1 * g.block_size);
+        const int64_t visible = k_hi - k_lo;
         if (visible <= 0) continue;
+        // The range starts at slot `off0` of block `blk0`: 0 and b0 unless a
+        // window starts inside this chunk (no division on the common path).
+        const int64_t blk0 = k_lo == b0 * g.block_size ? b0 : k_lo / g.block_size;
+        const int64_t off0 = k_lo - blk0 * g.block_size;
         for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
           const int64_t r = t * heads + (h - head0);
           prefetch_some();
-          for (int64_t b = b0, seen = 0; seen < visible; ++b, seen += g.block_size) {
-            dot_rows(q + r * D, block_ptr(key_cache, b, kvh), token_stride, std::min(g.block_size, visible - seen),
-                     D, scores + seen);
+          for (int64_t b = blk0, off = off0, seen = 0; seen < visible; ++b, off = 0) {
+            const int64_t n = std::min(g.block_size - off, visible - seen);
+            dot_rows(q + r * D, block_ptr(key_cache, b, kvh) + off * token_stride, token_stride, n, D, scores + seen);
+            seen += n;
           }
+          if (g.soft_cap > 0.f) soft_cap_inplace(scores, visible, g.soft_cap);
           const float new_max = std::max(m[r], max_of(scores, visible));
-          const float alpha = std::exp(m[r] - new_max);  // 0 on the first chunk (m = -inf)
+          const float alpha = std::exp(m[r] - new_max);  // 0 on the row's first chunk (m = -inf)
           const float chunk_sum = exp_shifted_sum(scores, visible, new_max);
-          for (int64_t b = b0, seen = 0; seen < visible; ++b, seen += g.block_size) {
-            rescale_accumulate(acc + r * D, seen == 0 ? alpha : 1.f, scores + seen, block_ptr(value_cache, b, kvh),
-                               token_stride, std::min(g.block_size, visible - seen), D);
+          for (int64_t b = blk0, off = off0, seen = 0; seen < visible; ++b, off = 0) {
+            const int64_t n = std::min(g.block_size - off, visible - seen);
+            rescale_accumulate(acc + r * D, seen == 0 ? alpha : 1.f, scores + seen,
+                               block_ptr(value_cache, b, kvh) + off * token_stride, token_stride, n, D);
+            seen += n;
           }
           l[r] = l[r] * alpha + chunk_sum;
           m[r] = new_max;
@@ -143,8 +168,10 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
 
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, double scale, int64_t max_seq_len) {
-  check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len);
+                           const at::Tensor& query_start_loc, double scale, int64_t max_seq_len,
+                           std::optional<int64_t> sliding_window, std::optional<double> logits_soft_cap) {
+  check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len,
+                        sliding_window, logits_soft_cap);
   const int64_t num_tokens = query.size(0), num_seqs = seq_lens.size(0);
   Geometry g;
   g.num_heads = query.size(1);
@@ -157,6 +184,8 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   g.q_token_stride = query.stride(0);
   g.out_token_stride = g.num_heads * g.head_dim;
   g.scale = static_cast<float>(scale);
+  g.window = std::max<int64_t>(0, sliding_window.value_or(0));
+  g.soft_cap = static_cast<float>(std::max(0.0, logits_soft_cap.value_or(0.0)));
 
   // Zeros so that padding rows (past the last sequence) come back as 0.
   at::Tensor out = at::zeros({num_tokens, g.num_heads, g.head_dim}, query.options());

@@ -1,5 +1,6 @@
-// CPU layer ops around the matmuls: RMSNorm (alone and fused with the
-// residual add), SiLU-and-multiply, rotary embedding. Each replaces three to
+// CPU layer ops around the matmuls: RMSNorm (alone, in place on strided
+// heads, and fused with the residual add; Llama's weight or Gemma's
+// 1 + weight), SiLU- and GELU(tanh)-and-multiply, rotary embedding. Each replaces three to
 // eight elementwise torch ops (and their temporaries) with one pass over the
 // rows; tokens are split across threads. Math in fp32; half-precision results
 // are rounded where Hugging Face Llama rounds them (see csrc/ops_decl.inc).
@@ -32,11 +33,15 @@ inline float round_to(float x) {
   }
 }
 
-// out[i] = w[i] * round_to<T>(x[i] * inv) for one row of n values; x is fp32.
+// One row of n values; x is fp32. offset == 0 (Llama):
+// out[i] = w[i] * round_to<T>(x[i] * inv). Otherwise (Gemma):
+// out[i] = T((x[i] * inv) * (offset + float(w[i]))), one rounding.
 template <typename T>
-inline void scale_row(const float* __restrict__ x, const T* __restrict__ w, float inv, T* __restrict__ out,
-                      int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
+inline void scale_row(const float* __restrict__ x, const T* __restrict__ w, float inv, float offset,
+                      T* __restrict__ out, int64_t n) {
+  if (offset != 0.f) {
+    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>((x[i] * inv) * (offset + to_float(w[i])));
+  } else if constexpr (std::is_same_v<T, float>) {
     for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);  // vectorized by the compiler
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(to_float(w[i]) * round_to<T>(x[i] * inv));
@@ -62,6 +67,49 @@ inline void silu_mul_row(const float* __restrict__ g, const float* __restrict__ 
   for (; i < d; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
+// gelu_tanh(x) = 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3),
+// computed as x / (1 + exp(-2u)) (the same value: 0.5 (1 + tanh(u)) is the
+// logistic function of 2u), which needs one exp and has no cancellation.
+// exp8 saturates, so a very negative x gives -0 like torch's formula.
+constexpr float kGeluK0 = 0.7978845608028654f;             // sqrt(2 / pi)
+constexpr float kGeluK1 = 0.7978845608028654f * 0.044715f;  // sqrt(2 / pi) * 0.044715
+
+inline float gelu_tanh(float x) {
+  const float u2 = -2.f * x * (kGeluK0 + kGeluK1 * x * x);
+  return x / (1.f + std::exp(u2));
+}
+
+#ifdef PYSERVE_HAVE_AVX2
+inline __m256 gelu_tanh8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 inner = _mm256_fmadd_ps(_mm256_set1_ps(kGeluK1), _mm256_mul_ps(x, x), _mm256_set1_ps(kGeluK0));
+  const __m256 u2 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(-2.f), x), inner);
+  return _mm256_div_ps(x, _mm256_add_ps(one, exp8(u2)));
+}
+#endif
+
+// out[i] = gelu_tanh(g[i]) * u[i] for fp32 lanes.
+inline void gelu_tanh_mul_row(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ out,
+                              int64_t d) {
+  int64_t i = 0;
+#ifdef PYSERVE_HAVE_AVX2
+  for (; i + 8 <= d; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu_tanh8(_mm256_loadu_ps(g + i)), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < d; ++i) out[i] = gelu_tanh(g[i]) * u[i];
+}
+
+// out[i] = gelu_tanh(float(g[i])) for a half-precision gate, 8 lanes at a time.
+template <typename T>
+inline void gelu_tanh_row(const T* __restrict__ g, float* __restrict__ out, int64_t d) {
+  int64_t i = 0;
+#ifdef PYSERVE_HAVE_AVX2
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(out + i, gelu_tanh8(load8(g + i)));
+#endif
+  for (; i < d; ++i) out[i] = gelu_tanh(to_float(g[i]));
+}
+
 template <typename T>
 void rotate_heads(T* __restrict__ x, int64_t heads, int64_t head_stride, int64_t half, const T* __restrict__ c,
                   const T* __restrict__ s) {
@@ -80,7 +128,7 @@ void rotate_heads(T* __restrict__ x, int64_t heads, int64_t head_stride, int64_t
 // `if constexpr` discards the fp32-only branches for the half types.
 template <typename T>
 void rms_norm_rows(const T* x, int64_t in_stride, const T* w, T* out, int64_t begin, int64_t end, int64_t n,
-                   float eps) {
+                   float eps, float offset) {
   std::vector<float> row(std::is_same_v<T, float> ? 0 : n);
   for (int64_t r = begin; r < end; ++r) {
     const T* src = x + r * in_stride;
@@ -91,12 +139,26 @@ void rms_norm_rows(const T* x, int64_t in_stride, const T* w, T* out, int64_t be
       for (int64_t i = 0; i < n; ++i) row[i] = to_float(src[i]);
       xf = row.data();
     }
-    scale_row(xf, w, inv_rms(xf, n, eps), out + r * n, n);
+    scale_row(xf, w, inv_rms(xf, n, eps), offset, out + r * n, n);
+  }
+}
+
+// Rows [begin, end) of a [outer, inner, n] view (inner = 1 for 2-D), in
+// place: row r is x + (r / inner) * stride0 + (r % inner) * stride1. The row
+// goes through an fp32 copy, so reading and writing never alias.
+template <typename T>
+void rms_norm_rows_inplace(T* x, int64_t inner, int64_t stride0, int64_t stride1, const T* w, int64_t begin,
+                           int64_t end, int64_t n, float eps, float offset) {
+  std::vector<float> row(n);
+  for (int64_t r = begin; r < end; ++r) {
+    T* xr = x + (r / inner) * stride0 + (r % inner) * stride1;
+    for (int64_t i = 0; i < n; ++i) row[i] = to_float(xr[i]);
+    scale_row(row.data(), w, inv_rms(row.data(), n, eps), offset, xr, n);
   }
 }
 
 template <typename T>
-void add_rms_norm_rows(T* x, T* res, const T* w, int64_t begin, int64_t end, int64_t n, float eps) {
+void add_rms_norm_rows(T* x, T* res, const T* w, int64_t begin, int64_t end, int64_t n, float eps, float offset) {
   std::vector<float> row(std::is_same_v<T, float> ? 0 : n);
   for (int64_t r = begin; r < end; ++r) {
     T* xr = x + r * n;
@@ -112,7 +174,7 @@ void add_rms_norm_rows(T* x, T* res, const T* w, int64_t begin, int64_t end, int
       }
       sum = row.data();
     }
-    scale_row(sum, w, inv_rms(sum, n, eps), xr, n);
+    scale_row(sum, w, inv_rms(sum, n, eps), offset, xr, n);
   }
 }
 
@@ -133,10 +195,26 @@ void silu_and_mul_rows(const T* x, int64_t in_stride, T* out, int64_t begin, int
   }
 }
 
+template <typename T>
+void gelu_tanh_and_mul_rows(const T* x, int64_t in_stride, T* out, int64_t begin, int64_t end, int64_t d) {
+  std::vector<float> act(std::is_same_v<T, float> ? 0 : d);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* g = x + r * in_stride;
+    const T* u = g + d;
+    T* dst = out + r * d;
+    if constexpr (std::is_same_v<T, float>) {
+      gelu_tanh_mul_row(g, u, dst, d);
+    } else {
+      gelu_tanh_row(g, act.data(), d);
+      for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(round_to<T>(act[i]) * to_float(u[i]));
+    }
+  }
+}
+
 }  // namespace
 
-at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
-  check_rms_norm(input, weight, eps);
+at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset) {
+  check_rms_norm(input, weight, eps, weight_offset);
   const int64_t rows = input.size(0), n = input.size(1), in_stride = input.stride(0);
   at::Tensor out = at::empty({rows, n}, input.options());
   PYSERVE_DISPATCH_FLOAT_TYPES(input.scalar_type(), "rms_norm", [&] {
@@ -144,21 +222,38 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-      rms_norm_rows(x, in_stride, w, o, begin, end, n, static_cast<float>(eps));
+      rms_norm_rows(x, in_stride, w, o, begin, end, n, static_cast<float>(eps), static_cast<float>(weight_offset));
     });
   });
   return out;
 }
 
-void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_fused_add_rms_norm(input, residual, weight, eps);
+void rms_norm_inplace(at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset) {
+  check_rms_norm_inplace(input, weight, eps, weight_offset);
+  const bool three_d = input.dim() == 3;
+  const int64_t inner = three_d ? input.size(1) : 1, n = input.size(-1);
+  const int64_t rows = input.size(0) * inner;
+  const int64_t stride0 = input.stride(0), stride1 = three_d ? input.stride(1) : 0;
+  PYSERVE_DISPATCH_FLOAT_TYPES(input.scalar_type(), "rms_norm_inplace", [&] {
+    scalar_t* x = input.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+      rms_norm_rows_inplace(x, inner, stride0, stride1, w, begin, end, n, static_cast<float>(eps),
+                            static_cast<float>(weight_offset));
+    });
+  });
+}
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps,
+                        double weight_offset) {
+  check_fused_add_rms_norm(input, residual, weight, eps, weight_offset);
   const int64_t rows = input.size(0), n = input.size(1);
   PYSERVE_DISPATCH_FLOAT_TYPES(input.scalar_type(), "fused_add_rms_norm", [&] {
     scalar_t* x = input.data_ptr<scalar_t>();
     scalar_t* res = residual.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-      add_rms_norm_rows(x, res, w, begin, end, n, static_cast<float>(eps));
+      add_rms_norm_rows(x, res, w, begin, end, n, static_cast<float>(eps), static_cast<float>(weight_offset));
     });
   });
 }
@@ -172,6 +267,20 @@ at::Tensor silu_and_mul(const at::Tensor& input) {
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(2 * d), [&](int64_t begin, int64_t end) {
       silu_and_mul_rows(x, in_stride, o, begin, end, d);
+    });
+  });
+  return out;
+}
+
+at::Tensor gelu_tanh_and_mul(const at::Tensor& input) {
+  check_gelu_tanh_and_mul(input);
+  const int64_t rows = input.size(0), d = input.size(1) / 2, in_stride = input.stride(0);
+  at::Tensor out = at::empty({rows, d}, input.options());
+  PYSERVE_DISPATCH_FLOAT_TYPES(input.scalar_type(), "gelu_tanh_and_mul", [&] {
+    const scalar_t* x = input.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_rows(2 * d), [&](int64_t begin, int64_t end) {
+      gelu_tanh_and_mul_rows(x, in_stride, o, begin, end, d);
     });
   });
   return out;

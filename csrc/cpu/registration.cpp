@@ -9,7 +9,9 @@ TORCH_LIBRARY_IMPL(pyserve, CPU, m) {
   m.impl("copy_blocks", &pyserve::cpu::copy_blocks);
   m.impl("sample", &pyserve::cpu::sample);
   m.impl("rms_norm", &pyserve::cpu::rms_norm);
+  m.impl("rms_norm_inplace", &pyserve::cpu::rms_norm_inplace);
   m.impl("fused_add_rms_norm", &pyserve::cpu::fused_add_rms_norm);
   m.impl("silu_and_mul", &pyserve::cpu::silu_and_mul);
+  m.impl("gelu_tanh_and_mul", &pyserve::cpu::gelu_tanh_and_mul);
   m.impl("rotary_embedding", &pyserve::cpu::rotary_embedding);
 }

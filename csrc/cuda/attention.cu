@@ -15,6 +15,16 @@
 // kernel 2, grid (row, head), merges the partitions with log-sum-exp
 // rescaling. Padding rows (and rows of sequences with nothing to attend to)
 // produce zeros. Math is fp32 whatever the storage dtype.
+//
+// Sliding window W > 0: the row at position p covers keys
+// [max(0, p - W + 1), p] instead of [0, p]; partitions split that range (so
+// a windowed decode reads W keys, not p + 1) and the host sizes them by
+// min(max_seq_len, W). Soft-cap c > 0: each score s becomes c * tanh(s / c)
+// right after its dot product. The kernel is instantiated twice per (dtype,
+// head_dim): kExtras = false, used when neither option is on, compiles to the
+// kernel as it was before them (window 0 and no cap are constants there, and
+// ptxas allocates registers as before); kExtras = true reads both from the
+// parameters.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -60,15 +70,19 @@ struct AttnParams {
   int group;
   int block_size;
   int num_parts;
+  int64_t window;  // > 0: sliding window in keys; 0: off
   float scale;
+  float soft_cap;      // > 0: logit soft-cap; 0: off
+  float inv_soft_cap;  // 1 / soft_cap
 };
 
-// Finds the sequence of a query row and how many keys it sees (its position
-// + 1, capped by its block table's capacity). False for padding rows and rows
-// with nothing to attend to.
+// Finds the sequence of a query row and the keys it sees, [kv_lo, kv_len):
+// kv_len is its position + 1, capped by its block table's capacity; kv_lo is
+// 0, or with a window W > 0 its position - W + 1 (at least 0). False for
+// padding rows and rows with nothing to attend to.
 __device__ __forceinline__ bool locate_row(const int32_t* __restrict__ qsl, const int32_t* __restrict__ seq_lens,
-                                           int num_seqs, int64_t row, int64_t capacity, int64_t& seq,
-                                           int64_t& kv_len) {
+                                           int num_seqs, int64_t row, int64_t capacity, int64_t window, int64_t& seq,
+                                           int64_t& kv_lo, int64_t& kv_len) {
   if (num_seqs <= 0 || row < qsl[0] || row >= qsl[num_seqs]) return false;
   int lo = 0, hi = num_seqs;  // last s with qsl[s] <= row lies in [lo, hi)
   while (hi - lo > 1) {
@@ -78,11 +92,12 @@ __device__ __forceinline__ bool locate_row(const int32_t* __restrict__ qsl, cons
   const int64_t q_begin = qsl[lo], q_len = qsl[lo + 1] - q_begin;
   const int64_t pos = static_cast<int64_t>(seq_lens[lo]) - q_len + (row - q_begin);
   kv_len = std::min<int64_t>(pos + 1, capacity);
+  kv_lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
   seq = lo;
-  return kv_len > 0;
+  return kv_len > kv_lo;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kExtras>
 __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnParams<T> p) {
   constexpr int kDimsPerLane = (D + kWarpSize - 1) / kWarpSize;
   constexpr int kVec = 16 / sizeof(T);
@@ -99,14 +114,15 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnPar
   const bool direct = p.num_parts == 1;
   const int64_t out_off = (row * p.num_heads + head) * D;
 
-  int64_t seq = 0, kv_len = 0;
-  if (!locate_row(p.query_start_loc, p.seq_lens, p.num_seqs, row, p.max_blocks * p.block_size, seq, kv_len)) {
+  int64_t seq = 0, kv_lo = 0, kv_len = 0;
+  if (!locate_row(p.query_start_loc, p.seq_lens, p.num_seqs, row, p.max_blocks * p.block_size,
+                  kExtras ? p.window : 0, seq, kv_lo, kv_len)) {
     if (direct) {
       for (int d = threadIdx.x; d < D; d += kThreads) p.out[out_off + d] = from_float<T>(0.f);
     }
     return;  // with several partitions the merge kernel writes the zeros
   }
-  const int64_t start = part * p.part_size;
+  const int64_t start = kv_lo + part * p.part_size;
   if (start >= kv_len) return;  // partition past this row's keys (never with direct)
   const int64_t end = part == p.num_parts - 1 ? kv_len : std::min(kv_len, start + p.part_size);
 
@@ -143,6 +159,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const AttnPar
           for (int i = 0; i < kVec; ++i) dot += q_s[c + i] * to_float(tmp[i]);
         }
         s = dot;
+        if constexpr (kExtras) {
+          if (p.soft_cap > 0.f) s = p.soft_cap * tanhf(dot * p.inv_soft_cap);
+        }
       }
     }
     const float tile_max = warp_max(s);
@@ -218,12 +237,14 @@ __global__ void __launch_bounds__(kThreads) merge_partitions_kernel(const AttnPa
   const int64_t row = blockIdx.x;
   const int head = blockIdx.y;
   T* out = p.out + (row * p.num_heads + head) * head_dim;
-  int64_t seq = 0, kv_len = 0;
-  if (!locate_row(p.query_start_loc, p.seq_lens, p.num_seqs, row, p.max_blocks * p.block_size, seq, kv_len)) {
+  int64_t seq = 0, kv_lo = 0, kv_len = 0;
+  if (!locate_row(p.query_start_loc, p.seq_lens, p.num_seqs, row, p.max_blocks * p.block_size, p.window, seq, kv_lo,
+                  kv_len)) {
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) out[d] = from_float<T>(0.f);
     return;
   }
-  const int n_parts = static_cast<int>(std::min<int64_t>(p.num_parts, (kv_len + p.part_size - 1) / p.part_size));
+  const int n_parts =
+      static_cast<int>(std::min<int64_t>(p.num_parts, (kv_len - kv_lo + p.part_size - 1) / p.part_size));
   const int64_t base = (row * p.num_heads + head) * p.num_parts;
   float m_all = -INFINITY;
   for (int i = 0; i < n_parts; ++i) m_all = fmaxf(m_all, p.ws_max[base + i]);
@@ -247,7 +268,11 @@ template <typename T, int D>
 void launch(const AttnParams<T>& p, int64_t num_tokens, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(p.num_parts));
-  paged_attention_kernel<T, D><<<grid, kThreads, 0, stream>>>(p);
+  if (p.window > 0 || p.soft_cap > 0.f) {
+    paged_attention_kernel<T, D, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    paged_attention_kernel<T, D, false><<<grid, kThreads, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.num_parts > 1) {
     merge_partitions_kernel<T><<<dim3(grid.x, grid.y), kThreads, 0, stream>>>(p, D);
@@ -259,8 +284,12 @@ void launch(const AttnParams<T>& p, int64_t num_tokens, cudaStream_t stream) {
 
 at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                           const at::Tensor& query_start_loc, double scale, int64_t max_seq_len) {
-  check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len);
+                           const at::Tensor& query_start_loc, double scale, int64_t max_seq_len,
+                           std::optional<int64_t> sliding_window, std::optional<double> logits_soft_cap) {
+  check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len,
+                        sliding_window, logits_soft_cap);
+  const int64_t window = std::max<int64_t>(0, sliding_window.value_or(0));
+  const float soft_cap = static_cast<float>(std::max(0.0, logits_soft_cap.value_or(0.0)));
   const int64_t num_tokens = query.size(0), num_heads = query.size(1), head_dim = query.size(2);
   at::Tensor out = at::empty({num_tokens, num_heads, head_dim}, query.options());
   if (num_tokens == 0 || num_heads == 0) return out;
@@ -275,9 +304,10 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
 
   // Split-K sizing from max_seq_len alone (no device->host sync): partitions
   // of kPartitionSize keys, fewer when the grid already has plenty of CTAs or
-  // the workspace would grow past kMaxWorkspaceBytes.
+  // the workspace would grow past kMaxWorkspaceBytes. A row sees at most
+  // `window` keys.
   const int64_t rows_heads = num_tokens * num_heads;
-  const int64_t max_len = std::max<int64_t>(max_seq_len, 1);
+  const int64_t max_len = std::max<int64_t>(window > 0 ? std::min(max_seq_len, window) : max_seq_len, 1);
   int64_t num_parts = (max_len + kPartitionSize - 1) / kPartitionSize;
   num_parts = std::min(num_parts, std::max<int64_t>(1, (kTargetCtas + rows_heads - 1) / rows_heads));
   num_parts = std::min(num_parts,
@@ -321,6 +351,9 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
     p.block_size = static_cast<int>(key_cache.size(1));
     p.num_parts = static_cast<int>(num_parts);
     p.scale = static_cast<float>(scale);
+    p.window = window;
+    p.soft_cap = soft_cap;
+    p.inv_soft_cap = soft_cap > 0.f ? 1.f / soft_cap : 0.f;
     switch (head_dim) {
       case 32: launch<scalar_t, 32>(p, num_tokens, stream); break;
       case 64: launch<scalar_t, 64>(p, num_tokens, stream); break;

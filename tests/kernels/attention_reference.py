@@ -83,8 +83,26 @@ def make_paged_batch(
     )
 
 
-def reference_attention(b: PagedBatch) -> torch.Tensor:
-    """Causal attention per sequence on contiguous K/V, in fp32."""
+def visible_keys(q_pos: torch.Tensor, kv_len: int, sliding_window: int | None = None) -> torch.Tensor:
+    """[len(q_pos), kv_len] bool: may the query at position q_pos[i] attend to
+    the key at position j. Causal (j <= p), and with a window W > 0 also
+    j > p - W, i.e. p - j < W."""
+    kv_pos = torch.arange(kv_len, device=q_pos.device)
+    visible = kv_pos[None, :] <= q_pos[:, None]
+    if sliding_window is not None and sliding_window > 0:
+        visible &= kv_pos[None, :] > q_pos[:, None] - sliding_window
+    return visible
+
+
+def reference_attention(b: PagedBatch, sliding_window: int | None = None,
+                        logits_soft_cap: float | None = None) -> torch.Tensor:
+    """Causal attention per sequence on contiguous K/V, in fp32.
+
+    sliding_window W > 0: the query at position p sees keys j with
+    p - j < W, written as transformers' sliding_window_overlay writes it
+    (kv_idx > q_idx - W), on top of the causal mask (kv_idx <= q_idx).
+    logits_soft_cap c > 0: scores = tanh(scores / c) * c after the scale, as
+    Gemma 2's eager attention does."""
     num_tokens, num_heads, head_dim = b.query.shape
     out = torch.zeros(num_tokens, num_heads, head_dim, dtype=torch.float32, device=b.query.device)
     for s in range(len(b.seq_lens)):
@@ -97,9 +115,10 @@ def reference_attention(b: PagedBatch) -> torch.Tensor:
         k = b.keys[s].float().repeat_interleave(group, dim=1)  # [n, H, D]
         v = b.values[s].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * b.scale
+        if logits_soft_cap is not None and logits_soft_cap > 0:
+            scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
         q_pos = torch.arange(n - (q1 - q0), n, device=q.device)
-        mask = torch.arange(n, device=q.device)[None, :] > q_pos[:, None]  # [q_len, n]
-        scores = scores.masked_fill(mask[None], float("-inf"))
+        scores = scores.masked_fill(~visible_keys(q_pos, n, sliding_window)[None], float("-inf"))
         out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out
 

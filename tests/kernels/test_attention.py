@@ -1,11 +1,12 @@
-"""paged_attention against a plain PyTorch causal attention over gathered K/V."""
+"""paged_attention against a plain PyTorch causal attention over gathered K/V,
+with and without a sliding window and a logit soft-cap."""
 
 import pytest
 import torch
 
 from pyserve import _ops
 from tests.conftest import DEVICES
-from tests.kernels.attention_reference import make_paged_batch, reference_attention
+from tests.kernels.attention_reference import make_paged_batch, reference_attention, visible_keys
 
 # Per storage dtype: (atol, rtol) of the kernel output vs the fp32 reference.
 TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
@@ -16,11 +17,11 @@ TOLERANCES = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bf
 MIXED = [(40, 1), (0, 75), (75, 60), (33, 17), (0, 5), (31, 1)]
 
 
-def run(batch, device):
+def run(batch, device, sliding_window=None, logits_soft_cap=None):
     b = batch.to(device)
     out = _ops.paged_attention(b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens,
-                               b.query_start_loc, b.scale, b.max_seq_len)
-    return out, reference_attention(b)
+                               b.query_start_loc, b.scale, b.max_seq_len, sliding_window, logits_soft_cap)
+    return out, reference_attention(b, sliding_window, logits_soft_cap)
 
 
 def assert_close(out, ref, dtype):
@@ -78,11 +79,117 @@ def test_empty_batch(device):
     assert out.shape == (2, 4, 64) and (out == 0).all()
 
 
+# ----------------------------------------------------------------------------- sliding window, soft-cap
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 16, 100])
+def test_window_mask_is_transformers_sliding_window_causal_mask(window):
+    # The reference's mask against transformers' own mask function (what
+    # Mistral, Qwen2, Gemma 2 and Gemma 3 use for their sliding layers).
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    mask_fn = masking_utils.sliding_window_causal_mask_function(window)
+    q_idx = torch.arange(0, 130)[:, None]
+    kv_idx = torch.arange(0, 130)[None, :]
+    theirs = mask_fn(0, 0, q_idx, kv_idx)
+    assert torch.equal(visible_keys(torch.arange(130), 130, window), theirs)
+    assert int(theirs[129].sum()) == min(window, 130)  # the window counts the query's own key
+
+
+# Windows shorter than every sequence, cutting inside blocks of 8/16/32 (5,
+# 13, 37), on a block boundary (16, 32), and longer than every sequence (500).
+WINDOWS = [1, 5, 13, 16, 32, 37, 70, 500]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 1)])
+def test_sliding_window_mixed_batch(device, window, head_dim, block_size, num_heads, num_kv_heads):
+    batch = make_paged_batch(MIXED, num_heads, num_kv_heads, head_dim, block_size, torch.float32, padding_rows=2)
+    out, ref = run(batch, device, sliding_window=window)
+    assert_close(out, ref, torch.float32)
+    assert (out[-2:] == 0).all(), "padding rows must come back as zeros"
+    if window >= batch.max_seq_len:
+        plain, _ = run(batch, device)
+        assert torch.equal(out, plain), "a window longer than every sequence must change nothing"
+    else:
+        _, causal = run(batch, device)
+        assert not torch.allclose(ref, causal), "the window should matter for this batch"
+
+
+def _sharpened(batch, factor):
+    # Scores of ~N(0, factor^2): large enough for a soft-cap to bite.
+    batch.query = (batch.query.float() * factor).to(batch.query.dtype)
+    return batch
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cap", [1.0, 5.0, 30.0, 50.0])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2)])
+def test_soft_cap_mixed_batch(device, cap, head_dim, block_size, num_heads, num_kv_heads):
+    batch = _sharpened(make_paged_batch(MIXED, num_heads, num_kv_heads, head_dim, block_size, torch.float32), 12.0)
+    out, ref = run(batch, device, logits_soft_cap=cap)
+    assert_close(out, ref, torch.float32)
+    _, uncapped = run(batch, device)
+    assert (ref - uncapped).abs().max() > 1e-2, "the cap should matter for these scores"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80, 256])
+@pytest.mark.parametrize("window,cap", [(5, None), (37, None), (None, 20.0), (13, 50.0), (70, 3.0)])
+def test_window_and_soft_cap_dtypes(device, dtype, head_dim, window, cap):
+    batch = _sharpened(make_paged_batch(MIXED, 9, 3, head_dim, 16, dtype, padding_rows=1), 4.0)
+    out, ref = run(batch, device, sliding_window=window, logits_soft_cap=cap)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window,cap", [(4096, None), (1000, None), (777, 30.0), (None, 50.0)])
+def test_long_context_window_and_soft_cap(device, window, cap):
+    # On CUDA the window's keys are split over several partitions (1000 and 777
+    # are not multiples of the partition or tile size); on the CPU a decode
+    # starts inside a block far from the first.
+    batch = make_paged_batch([(8191, 1), (8000, 192), (100, 1), (5000, 33)], 8, 2, 128, 16, torch.float32)
+    out, ref = run(batch, device, sliding_window=window, logits_soft_cap=cap)
+    assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("off", [dict(sliding_window=0), dict(sliding_window=-3), dict(logits_soft_cap=0.0),
+                                 dict(logits_soft_cap=-1.0), dict(sliding_window=None, logits_soft_cap=None)])
+def test_window_and_soft_cap_off_values(device, off):
+    b = make_paged_batch(MIXED, 9, 3, 64, 16, torch.float32, padding_rows=1).to(device)
+    args = (b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.scale, b.max_seq_len)
+    assert torch.equal(_ops.paged_attention(*args, **off), _ops.paged_attention(*args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_of_one_is_the_own_value(device):
+    # W = 1: each query sees only its own key, so the output is its V row.
+    seqs = [(10, 3), (0, 4), (40, 1)]
+    batch = make_paged_batch(seqs, 6, 2, 64, 8, torch.float32)
+    out, _ = run(batch, device, sliding_window=1)
+    rows = []
+    for (cached, new), values in zip(seqs, batch.values):
+        rows.append(values[cached:cached + new].repeat_interleave(3, dim=1))
+    torch.testing.assert_close(out.cpu(), torch.cat(rows), atol=1e-6, rtol=1e-6)
+
+
 def test_opcheck():
     b = make_paged_batch(MIXED, 9, 3, 64, 16, torch.float32, padding_rows=1)
     torch.library.opcheck(
         torch.ops.pyserve.paged_attention.default,
         (b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.scale, b.max_seq_len),
+    )
+    torch.library.opcheck(
+        torch.ops.pyserve.paged_attention.default,
+        (b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, b.query_start_loc, b.scale, b.max_seq_len,
+         13, 20.0),
     )
 
 
@@ -115,3 +222,27 @@ def test_bad_arguments_raise(name, bad, message):
     args[name] = bad(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.pyserve.paged_attention(*args.values())
+
+
+@pytest.mark.parametrize(
+    "cap,message",
+    [
+        (float("nan"), "logits_soft_cap must be finite"),
+        (float("inf"), "logits_soft_cap must be finite"),
+        (float("-inf"), "logits_soft_cap must be finite"),
+        (1e-45, "logits_soft_cap must be between 1e-38 and 3e38 in float32"),  # 1 / cap overflows float32
+        (1e39, "logits_soft_cap must be between 1e-38 and 3e38 in float32"),  # cap overflows float32
+    ],
+)
+def test_bad_soft_cap_raises(cap, message):
+    b = make_paged_batch(MIXED, 9, 3, 64, 16, torch.float32)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyserve.paged_attention(*_args(b).values(), None, cap)
+
+
+def test_window_and_soft_cap_types_are_checked_by_the_schema():
+    b = make_paged_batch(MIXED, 9, 3, 64, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="sliding_window"):
+        torch.ops.pyserve.paged_attention(*_args(b).values(), 4.5, None)
+    with pytest.raises(RuntimeError, match="logits_soft_cap"):
+        torch.ops.pyserve.paged_attention(*_args(b).values(), None, "50")

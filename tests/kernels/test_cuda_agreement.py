@@ -72,13 +72,13 @@ def attention_inputs(seqs, num_padding, block_size, num_heads, num_kv_heads, hea
     return query, key_cache, value_cache, tables, seq_lens, qsl, max_seq_len
 
 
-def run_attention(args, device, max_seq_len=None, dtype=None):
+def run_attention(args, device, max_seq_len=None, dtype=None, sliding_window=None, logits_soft_cap=None):
     query, key_cache, value_cache, tables, seq_lens, qsl, msl = args
     head_dim = query.shape[-1]
     conv = (lambda t: t.to(device=device, dtype=dtype)) if dtype is not None else (lambda t: t.to(device))
     return ops.paged_attention(
         conv(query), conv(key_cache), conv(value_cache), tables.to(device), seq_lens.to(device), qsl.to(device),
-        1.0 / math.sqrt(head_dim), msl if max_seq_len is None else max_seq_len,
+        1.0 / math.sqrt(head_dim), msl if max_seq_len is None else max_seq_len, sliding_window, logits_soft_cap,
     )
 
 
@@ -146,6 +146,37 @@ def test_paged_attention_split_k_long_context(head_dim, block_size, num_heads, n
         torch.testing.assert_close(run_attention(low, "cuda").cpu().float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("window,cap", [(1, None), (7, None), (16, None), (37, 20.0), (500, None), (None, 5.0)])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 6, 2), (128, 8, 1), (256, 4, 4)])
+def test_paged_attention_window_and_soft_cap(window, cap, block_size, head_dim, num_heads, num_kv_heads):
+    args = attention_inputs(MIXED + [(90, 40)], 2, block_size, num_heads, num_kv_heads, head_dim, torch.float32)
+    args = (args[0] * 4,) + args[1:]  # scores large enough for the cap to matter
+    cpu = run_attention(args, "cpu", sliding_window=window, logits_soft_cap=cap)
+    out = run_attention(args, "cuda", sliding_window=window, logits_soft_cap=cap)
+    torch.testing.assert_close(out.cpu(), cpu, atol=1e-4, rtol=1e-4)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = tuple(a.to(dtype) if a.is_floating_point() else a for a in args[:3]) + args[3:]
+        ref = run_attention(low, "cpu", dtype=torch.float32, sliding_window=window, logits_soft_cap=cap)
+        tol = LOW_PRECISION_TOL[dtype]
+        got = run_attention(low, "cuda", sliding_window=window, logits_soft_cap=cap).cpu().float()
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window,cap", [(4096, None), (1000, None), (777, 30.0), (100, None), (None, 50.0)])
+def test_paged_attention_window_split_k(window, cap):
+    # Long rows: the window's keys are split over partitions that start at the
+    # window's first key, and an underestimated max_seq_len still covers them.
+    seqs = [(8191, 1), (6000, 9), (30, 3), (3000, 1)]
+    args = attention_inputs(seqs, 2, 16, 8, 2, 128, torch.float32)
+    cpu = run_attention(args, "cpu", sliding_window=window, logits_soft_cap=cap)
+    torch.testing.assert_close(run_attention(args, "cuda", sliding_window=window, logits_soft_cap=cap).cpu(), cpu,
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        run_attention(args, "cuda", max_seq_len=300, sliding_window=window, logits_soft_cap=cap).cpu(), cpu,
+        atol=1e-4, rtol=1e-4)
+
+
 def test_paged_attention_only_padding_and_empty():
     args = attention_inputs([], 4, 16, 4, 2, 64, torch.float32)
     out = run_attention(args, "cuda")
@@ -173,6 +204,52 @@ def test_paged_attention_end_to_end_with_cache_writes():
         outs[dev] = ops.paged_attention(q, key_cache, value_cache, tables.to(dev), seq_lens.to(dev), qsl.to(dev),
                                         D**-0.5, max_seq_len).cpu()
     torch.testing.assert_close(outs["cuda"], outs["cpu"], atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- layer ops (issue 15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,d", [(1, 1536), (7, 13), (64, 9216)])
+def test_gelu_tanh_and_mul(dtype, rows, d):
+    x = (torch.randn(rows, 2 * d) * 4).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else LOW_PRECISION_TOL[dtype]
+    torch.testing.assert_close(ops.gelu_tanh_and_mul(x.cuda()).cpu().float(), ops.gelu_tanh_and_mul(x).float(),
+                               atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,offset", [(64, 0.0), (128, 1.0), (256, 0.0), (2048, 1.0)])
+def test_rms_norm_inplace_on_fused_qkv(dtype, head_dim, offset):
+    # head_dim 2048 takes the block-per-row kernel, the others a warp per row.
+    T, H, KVH = 13, 6, 2
+    qkv = (torch.randn(T, (H + 2 * KVH) * head_dim) * 2).to(dtype)
+    w = (torch.randn(head_dim) * 0.5).to(dtype)
+    results = {}
+    for dev in ("cpu", "cuda"):
+        x = qkv.to(dev)
+        k = x[:, H * head_dim : (H + KVH) * head_dim].view(T, KVH, head_dim)
+        ops.rms_norm_inplace(k, w.to(dev), 1e-6, offset)
+        results[dev] = x.cpu().float()
+    tol = 1e-5 if dtype == torch.float32 else LOW_PRECISION_TOL[dtype]
+    torch.testing.assert_close(results["cuda"], results["cpu"], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_weight_offset(dtype):
+    x = (torch.randn(9, 2304) * 2).to(dtype)
+    res = torch.randn(9, 2304).to(dtype)
+    w = (torch.randn(2304) * 0.3).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else LOW_PRECISION_TOL[dtype]
+    torch.testing.assert_close(ops.rms_norm(x.cuda(), w.cuda(), 1e-6, 1.0).cpu().float(),
+                               ops.rms_norm(x, w, 1e-6, 1.0).float(), atol=tol, rtol=tol)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        a, b = x.to(dev), res.to(dev)
+        ops.fused_add_rms_norm(a, b, w.to(dev), 1e-6, 1.0)
+        outs[dev] = (a.cpu().float(), b.cpu().float())
+    torch.testing.assert_close(outs["cuda"][0], outs["cpu"][0], atol=tol, rtol=tol)
+    assert torch.equal(outs["cuda"][1], outs["cpu"][1])
 
 
 # --------------------------------------------------------------------------- cache ops
