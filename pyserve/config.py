@@ -88,10 +88,18 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool  # Qwen2 always; Llama and Qwen3 when attention_bias
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rotary
+    o_bias: bool = False  # Llama and OLMo 2 with attention_bias
+    mlp_bias: bool = False  # Llama with mlp_bias
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     sliding_window: int | None = None
+    # Per layer, whether it attends through the sliding window (empty: no layer does).
+    sliding_layers: tuple[bool, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: it attends to the whole context)."""
+        return self.sliding_window if self.sliding_layers and self.sliding_layers[layer] else None
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> "ModelConfig":
@@ -104,13 +112,14 @@ class ModelConfig:
         rope = RopeConfig.from_hf(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
+        layers = int(cfg["num_hidden_layers"])
+        sliding, sliding_layers = _hf_sliding_window(cfg, arch, layers)
         return ModelConfig(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
@@ -120,10 +129,35 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
             qk_norm=arch == "qwen3",
+            o_bias=arch in ("llama", "olmo2") and bool(cfg.get("attention_bias", False)),
+            mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding,
+            sliding_layers=sliding_layers,
         )
+
+
+def _hf_sliding_window(cfg: dict[str, Any], arch: str, layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    """The window, and which layers use it: `layer_types` where the config has it (transformers 5
+    writes it for Qwen2/3 and Gemma), else Mistral's all-layers rule or Qwen2/3's
+    `use_sliding_window` from layer `max_window_layers` on."""
+    window = cfg.get("sliding_window")
+    types = cfg.get("layer_types")
+    if types is None:
+        if arch == "mistral":
+            types = ["sliding_attention"] * layers
+        elif arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            start = int(cfg.get("max_window_layers", layers))
+            types = ["full_attention" if i < start else "sliding_attention" for i in range(layers)]
+        else:
+            types = ["full_attention"] * layers
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown or len(types) != layers:
+        raise UnsupportedModelError(f"unsupported layer_types {sorted(unknown) or types!r}")
+    if not window or "sliding_attention" not in types:
+        return None, ()
+    return int(window), tuple(t == "sliding_attention" for t in types)
 
 
 @dataclass

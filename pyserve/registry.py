@@ -27,6 +27,7 @@ ARCHITECTURES = (
     Architecture("mistral", ("MistralForCausalLM",), None),
     Architecture("qwen2", ("Qwen2ForCausalLM",), "qwen2"),
     Architecture("qwen3", ("Qwen3ForCausalLM",), "qwen3"),
+    Architecture("olmo2", ("Olmo2ForCausalLM",), "olmo2", model="pyserve.models.olmo2:Olmo2Model"),
 )
 _BY_NAME = {a.name: a for a in ARCHITECTURES}
 _BY_GGUF = {a.gguf_name: a for a in ARCHITECTURES if a.gguf_name}

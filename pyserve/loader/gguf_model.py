@@ -36,9 +36,17 @@ _LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Where llama.cpp's name means something else for an architecture: OLMo 2's norms come after
+# attention and MLP (Gemma's too), so its HF post_attention_layernorm is llama.cpp's post_attention_norm.
+_ARCH_LAYER_NAMES = {
+    "olmo2": {"post_attention_norm.weight": "post_attention_layernorm.weight",
+              "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+              "ffn_norm.weight": None},  # not an OLMo 2 tensor: refused
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -60,7 +68,7 @@ _READ_KEYS = frozenset({
     "attention.key_length", "attention.value_length", "rope.dimension_count", "rope.freq_base",
     "rope.scale_linear", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
     "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
-    "rope.scaling.yarn_ext_factor",
+    "rope.scaling.yarn_ext_factor", "attention.sliding_window", "attention.sliding_window_pattern",
 })
 # Features we do not implement, accepted only at the value that switches them off.
 _OFF_VALUES = {
@@ -102,10 +110,6 @@ def _check_metadata(meta: dict, arch: str, path: str) -> None:
         sub = key[len(arch) + 1:]
         if sub in _READ_KEYS or sub in IGNORED_KEYS:
             continue
-        if sub == "attention.sliding_window":  # harmless when it spans the whole context
-            if int(value) == 0 or int(value) >= int(meta.get(f"{arch}.context_length", 0)):
-                continue
-            raise UnsupportedModelError(f"{path}: sliding-window attention ({key} = {value}) is not supported yet")
         if sub in _OFF_VALUES:
             if value == _OFF_VALUES[sub]:
                 continue
@@ -148,6 +152,21 @@ def _rope_config(meta: dict, arch: str, rope_freqs: torch.Tensor | None, path: s
                                 f"(supported: none, linear, yarn, and llama3 through {ROPE_FREQS})")
 
 
+def _sliding_window(meta: dict, arch: str, layers: int, path: str) -> tuple[int | None, tuple[bool, ...]]:
+    """`attention.sliding_window` (0: none), on the layers `attention.sliding_window_pattern` marks,
+    or on every layer when the file has no pattern (Mistral's rule)."""
+    window = int(meta.get(f"{arch}.attention.sliding_window", 0))
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if window <= 0:
+        return None, ()
+    if pattern is None:
+        return window, (True,) * layers
+    if len(pattern) != layers:
+        raise GGUFError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for "
+                        f"{layers} layers")
+    return (window, tuple(bool(x) for x in pattern)) if any(pattern) else (None, ())
+
+
 def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     """The ModelConfig of a GGUF file, after refusing what it holds that we would not reproduce."""
     meta = gguf.metadata
@@ -173,6 +192,7 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     if rotary_dim != head_dim:
         raise UnsupportedModelError(f"{gguf.path}: partial rotary embeddings ({arch}.rope.dimension_count = "
                                     f"{rotary_dim} of head_dim {head_dim}) are not supported")
+    window, sliding_layers = _sliding_window(meta, arch, int(need("block_count")), gguf.path)
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     # End of turn and end of message (Llama 3.1's <|eom_id|>, after a tool call) end generation too,
@@ -193,9 +213,12 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
         max_position_embeddings=int(need("context_length")),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in gguf.tensors,
-        qk_norm="blk.0.attn_q_norm.weight" in gguf.tensors,
+        qk_norm=arch == "qwen3",
+        o_bias="blk.0.attn_output.bias" in gguf.tensors,
         eos_token_ids=eos_ids,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        sliding_window=window,
+        sliding_layers=sliding_layers,
     )
 
 
@@ -206,16 +229,17 @@ def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, architecture: str) -> str | None:
     """The HF name of a GGUF tensor; None for the config and ignored tensors; KeyError if unknown."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     if name in _CONFIG_TENSORS or name in IGNORED_TENSORS:
         return None
     m = _LAYER.fullmatch(name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
+    names = _LAYER_NAMES | _ARCH_LAYER_NAMES.get(architecture, {})
+    if m is None or names.get(m.group(2)) is None:
         raise KeyError(name)
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
 
 
 def check_tensor_names(gguf: GGUFFile, architecture: str) -> None:
@@ -223,7 +247,7 @@ def check_tensor_names(gguf: GGUFFile, architecture: str) -> None:
     unknown = []
     for name in gguf.tensors:
         try:
-            _hf_name(name)
+            _hf_name(name, architecture)
         except KeyError:
             unknown.append(name)
     if unknown:
@@ -244,7 +268,7 @@ def gguf_to_hf_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path:
     permuted = by_name(cfg.architecture).gguf_permuted_qk
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        hf = _hf_name(name)
+        hf = _hf_name(name, cfg.architecture)
         if hf is None:
             continue
         if permuted and ".self_attn.q_proj." in hf:

@@ -7,10 +7,13 @@ from pathlib import Path
 import torch
 
 from pyserve.config import ModelConfig
-from pyserve.models.llama import AttentionMetadata, LlamaModel
+from pyserve.models.base import CausalLM
+from pyserve.models.layers.attention import AttentionMetadata
+from pyserve.models.llama import LlamaModel
+from pyserve.models.loading import load_weights
 from pyserve.registry import model_class
 
-__all__ = ["AttentionMetadata", "LlamaModel", "ModelConfig", "load_model", "resolve_dtype"]
+__all__ = ["AttentionMetadata", "CausalLM", "LlamaModel", "ModelConfig", "load_model", "resolve_dtype"]
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -26,7 +29,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-               max_positions: int | None = None) -> LlamaModel:
+               max_positions: int | None = None) -> CausalLM:
     """An HF folder (config.json + safetensors) or a `.gguf` file; None is the
     embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF)."""
     from pyserve.loader.hf import ModelLoadError, load_hf_config, load_hf_weights
@@ -51,4 +54,6 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
         raise ModelLoadError(f"{path}: no such file or folder")
     else:
         raise ModelLoadError(f"{path}: not a model (want an HF folder or a .gguf file)")
-    return model_class(cfg.architecture)(cfg, weights, device, resolve_dtype(dtype, device), max_positions)
+    model = model_class(cfg.architecture)(cfg, device, resolve_dtype(dtype, device), max_positions)
+    load_weights(model, weights)
+    return model

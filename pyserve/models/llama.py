@@ -1,169 +1,109 @@
 """The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) on pyserve's kernels.
 
 One forward runs a flat batch of tokens from many sequences — prefill chunks
-and single-token decodes mixed — against the paged KV cache. Attention and
-cache writes go through pyserve._C; matmuls are torch's. Weights arrive in
-Hugging Face naming (the GGUF loader translates to it); q/k/v and gate/up are
-fused at load time so each layer runs two big matmuls instead of five, and
-every matmul weight is laid out for its library once (models/linear.py).
+and single-token decodes mixed — against the paged KV cache. q/k/v and gate/up
+are fused into one layer each (`packed_modules`), so each decoder layer runs two
+big matmuls instead of five. Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each
+head of q and k before rotary.
 """
 
 from __future__ import annotations
 
-import math
-import mmap
 import re
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from pyserve import _ops
 from pyserve.config import ModelConfig
-from pyserve.loader.hf import ModelLoadError
-from pyserve.models.linear import Linear
-from pyserve.models.prefault import populate_in_background
-from pyserve.models.rotary import RotaryEmbedding
+from pyserve.models.base import CausalLM
+from pyserve.models.layers.activation import ACTIVATIONS
+from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
+from pyserve.models.layers.embedding import LMHead, VocabEmbedding
+from pyserve.models.layers.linear import LinearLayer
+from pyserve.models.layers.norm import RMSNorm
+from pyserve.models.layers.rotary import RotaryEmbedding
 
 
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32, cached + new tokens
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    max_seq_len: int
-
-
-class MissingWeightError(ModelLoadError):
-    """A weight the architecture needs is absent or has the wrong shape."""
-
-
-class UnexpectedWeightError(ModelLoadError):
-    """The checkpoint holds a weight the architecture does not use."""
-
-
-# Checkpoint tensors that hold nothing we compute from, and why; any other tensor left over after
-# loading is an error, since dropping it silently would run a different model.
-IGNORED_WEIGHTS = {
-    re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"):
-        "older checkpoints saved the rotary inverse frequencies; they are recomputed from the config",
-}
-
-
-def _refuse_leftovers(w: dict[str, torch.Tensor]) -> None:
-    leftover = [k for k in w if not any(p.fullmatch(k) for p in IGNORED_WEIGHTS)]
-    if leftover:
-        more = f" and {len(leftover) - 3} more" if len(leftover) > 3 else ""
-        raise UnexpectedWeightError(f"weight {', '.join(sorted(leftover)[:3])}{more} is not used by this "
-                                    f"architecture; refusing to load a model it would change")
-
-
-class LlamaLayer:
-    def __init__(self, cfg: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        shapes = {
-            "input_layernorm.weight": (cfg.hidden_size,),
-            "post_attention_layernorm.weight": (cfg.hidden_size,),
-            "self_attn.q_proj.weight": (q_size, cfg.hidden_size),
-            "self_attn.k_proj.weight": (kv_size, cfg.hidden_size),
-            "self_attn.v_proj.weight": (kv_size, cfg.hidden_size),
-            "self_attn.q_proj.bias": (q_size,),
-            "self_attn.k_proj.bias": (kv_size,),
-            "self_attn.v_proj.bias": (kv_size,),
-            "self_attn.q_norm.weight": (cfg.head_dim,),
-            "self_attn.k_norm.weight": (cfg.head_dim,),
-            "self_attn.o_proj.weight": (cfg.hidden_size, q_size),
-            "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
-            "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
-            "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size),
-        }
-
-        def take(name: str) -> torch.Tensor:
-            key = prefix + name
-            if key not in w:
-                raise MissingWeightError(f"weight {key!r} is missing")
-            t = w.pop(key)
-            if tuple(t.shape) != shapes[name]:
-                raise MissingWeightError(f"weight {key!r} has shape {tuple(t.shape)}, the config implies {shapes[name]}")
-            return t
-
+class LlamaDecoderLayer:
+    def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype, device: torch.device):
         self.cfg = cfg
-        self.input_norm = take("input_layernorm.weight")
-        self.post_attention_norm = take("post_attention_layernorm.weight")
-        qkv_bias = None
-        if cfg.qkv_bias:
-            qkv_bias = torch.cat([take("self_attn.q_proj.bias"), take("self_attn.k_proj.bias"),
-                                  take("self_attn.v_proj.bias")])
-        self.qkv = Linear(torch.cat([take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"),
-                                     take("self_attn.v_proj.weight")]), qkv_bias)
-        self.q_norm = take("self_attn.q_norm.weight") if cfg.qk_norm else None
-        self.k_norm = take("self_attn.k_norm.weight") if cfg.qk_norm else None
-        self.o = Linear(take("self_attn.o_proj.weight"))
-        self.gate_up = Linear(torch.cat([take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")]))
-        self.down = Linear(take("mlp.down_proj.weight"))
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.scale = cfg.head_dim ** -0.5
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        like = dict(dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **like)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **like)
+        self.qkv_proj = LinearLayer(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
+                                    output_shards={"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, **like)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **like) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **like) if cfg.qk_norm else None
+        self.o_proj = LinearLayer(self.q_size, cfg.hidden_size, bias=cfg.o_bias, **like)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5,
+                                   sliding_window=cfg.layer_window(index))
+        self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias,
+                                        output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
+                                        **like)
+        self.act_and_mul = ACTIVATIONS["silu"]
+        self.down_proj = LinearLayer(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, **like)
+
+    def named_modules(self, prefix: str) -> dict[str, object]:
+        modules = {"input_layernorm": self.input_layernorm, "post_attention_layernorm": self.post_attention_layernorm,
+                   "self_attn.qkv_proj": self.qkv_proj, "self_attn.o_proj": self.o_proj,
+                   "mlp.gate_up_proj": self.gate_up_proj, "mlp.down_proj": self.down_proj}
+        if self.q_norm is not None:
+            modules |= {"self_attn.q_norm": self.q_norm, "self_attn.k_norm": self.k_norm}
+        return {f"{prefix}.{name}": m for name, m in modules.items()}
 
     def __call__(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                  rotary: RotaryEmbedding, kv_cache: tuple[torch.Tensor, torch.Tensor],
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         if residual is None:  # first layer: the embeddings are the residual stream
-            residual, x = h, _ops.rms_norm(h, self.input_norm, cfg.rms_norm_eps)
+            residual, x = h, self.input_layernorm(h)
         else:  # residual += h; x = norm(residual), in place
-            _ops.fused_add_rms_norm(h, residual, self.input_norm, cfg.rms_norm_eps)
+            self.input_layernorm.add_and_norm(h, residual)
             x = h
-        qkv = self.qkv(x)
+        qkv = self.qkv_proj(x)
         n = qkv.shape[0]
         q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
-        if self.q_norm is not None:  # Qwen3: each head normalised on its own, before rotary
-            for heads, weight in ((q, self.q_norm), (k, self.k_norm)):
-                heads.copy_(_ops.rms_norm(heads.reshape(-1, cfg.head_dim), weight, cfg.rms_norm_eps).view_as(heads))
+        if self.q_norm is not None:
+            self.q_norm.inplace(q)
+            self.k_norm.inplace(k)
         rotary(positions, q, k)  # in place, inside qkv
-        key_cache, value_cache = kv_cache
-        _ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        attn = _ops.paged_attention(q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                                    meta.query_start_loc, self.scale, meta.max_seq_len)
-        h = self.o(attn.view(n, self.q_size))
-        _ops.fused_add_rms_norm(h, residual, self.post_attention_norm, cfg.rms_norm_eps)
-        return self.down(_ops.silu_and_mul(self.gate_up(h))), residual
+        h = self.o_proj(self.attn(q, k, v, kv_cache, meta).view(n, self.q_size))
+        self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(h))), residual
 
 
-class LlamaModel:
-    """Holds the weights; `forward` maps a flat token batch to logits."""
+class LlamaModel(CausalLM):
+    """Holds the layers; `forward` maps a flat token batch to logits."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, max_positions: int | None = None):
-        self.cfg = cfg
-        self.device = device
-        self.dtype = dtype
-        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
-        weights.clear()  # the caller's copies are no longer needed; let them go
-        if "model.embed_tokens.weight" not in w:
-            raise MissingWeightError("weight 'model.embed_tokens.weight' is missing")
-        self.embed = w.pop("model.embed_tokens.weight")
-        if tuple(self.embed.shape) != (cfg.vocab_size, cfg.hidden_size):
-            raise MissingWeightError(
-                f"model.embed_tokens.weight has shape {tuple(self.embed.shape)}, config says "
-                f"({cfg.vocab_size}, {cfg.hidden_size})")
-        self.layers = [LlamaLayer(cfg, w, f"model.layers.{i}.") for i in range(cfg.num_layers)]
-        if "model.norm.weight" not in w:
-            raise MissingWeightError("weight 'model.norm.weight' is missing")
-        self.norm = w.pop("model.norm.weight")
-        lm_head = w.pop("lm_head.weight", None)
-        if lm_head is None or cfg.tie_word_embeddings:
-            lm_head = self.embed
-        elif tuple(lm_head.shape) != tuple(self.embed.shape):
-            raise MissingWeightError(f"lm_head.weight has shape {tuple(lm_head.shape)}, the config implies "
-                                     f"{tuple(self.embed.shape)}")
-        self.lm_head = Linear(lm_head)
-        _refuse_leftovers(w)
+    decoder_layer = LlamaDecoderLayer
+    packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                      "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up")}
+    ignored_weights = {
+        re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"):
+            "older checkpoints saved the rotary inverse frequencies; they are recomputed from the config",
+    }
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int | None = None):
+        super().__init__(cfg, device, dtype)
+        like = dict(dtype=dtype, device=device)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, **like)
+        self.layers = [self.decoder_layer(cfg, i, dtype, device) for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **like)
+        tied = self.embed_tokens if cfg.tie_word_embeddings else None
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tied_to=tied, **like)
+        if tied is not None:  # some tied checkpoints also save the (identical) head
+            self.ignored_weights = {**self.ignored_weights, re.compile(r"lm_head\.weight"):
+                                    "tied to model.embed_tokens.weight (tie_word_embeddings)"}
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope,
                                       device, dtype)
+
+    def named_modules(self) -> dict[str, object]:
+        modules: dict[str, object] = {"model.embed_tokens": self.embed_tokens}
+        for i, layer in enumerate(self.layers):
+            modules |= layer.named_modules(f"model.layers.{i}")
+        return modules | {"model.norm": self.norm, "lm_head": self.lm_head}
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -171,37 +111,10 @@ class LlamaModel:
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [num_tokens]; logits_indices: [num_outputs]
         rows whose next-token logits are wanted. Returns [num_outputs, vocab] fp32."""
-        h = F.embedding(input_ids, self.embed)
+        h = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, self.rotary, kv_cache, meta)
         # Only the rows that need logits pay for the final norm and the vocab matmul.
-        h = (h + residual)[logits_indices]
-        h = _ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        h = self.norm((h + residual)[logits_indices])
         return self.lm_head(h).float()
-
-    def warm_up_matmuls(self, max_tokens: int, max_logit_rows: int) -> None:
-        """Build every matmul primitive a step of up to max_tokens tokens and max_logit_rows sampled rows
-        can use (models/linear.py), so that serving builds and caches none."""
-        layer = self.layers[0]  # a primitive depends on shapes, not on weights: one layer warms them all
-        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            linear.warm_up_shapes(max_tokens)
-        self.lm_head.warm_up_shapes(max_logit_rows)
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
-        shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        layers = self.cfg.num_layers
-        if self.device.type == "cpu":
-            # An anonymous mapping is zero-filled by the kernel a page at a time, on first touch, so a
-            # cache of gigabytes costs nothing at startup (torch.zeros writes every byte: ~0.3 s/GiB);
-            # a background thread then backs it with memory before requests need it (prefault.py).
-            nbytes = 2 * layers * math.prod(shape) * self.embed.element_size()
-            buf = mmap.mmap(-1, nbytes)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                buf.madvise(mmap.MADV_HUGEPAGE)  # fewer, larger faults where the kernel grants them
-            caches = torch.frombuffer(buf, dtype=self.dtype).view(2 * layers, *shape)
-            populate_in_background(buf)
-        else:
-            caches = torch.zeros((2 * layers, *shape), device=self.device, dtype=self.dtype)
-        return [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]

@@ -102,7 +102,6 @@ def test_rope_freqs_tensor_becomes_frequency_factors(tmp_path):
       "llama.rope.scaling.original_context_length": 64, "llama.rope.scaling.yarn_ext_factor": 0.5}, "yarn_ext_factor"),
     ({"llama.rope.scaling.yarn_log_multiplier": 0.1}, "llama.rope.scaling.yarn_log_multiplier"),
     ({"llama.expert_count": 8, "llama.expert_used_count": 2}, "llama.expert_count = 8"),
-    ({"llama.attention.sliding_window": 128}, r"sliding-window attention \(llama.attention.sliding_window = 128\)"),
     ({"llama.attention.causal": False}, "llama.attention.causal"),
     ({"llama.logit_scale": 0.5}, "llama.logit_scale"),
     ({"llama.attention.value_length": 16}, "value heads of 16"),
@@ -119,8 +118,6 @@ def test_what_we_cannot_reproduce_is_refused_by_name(tmp_path, kv, match):
 
 @pytest.mark.parametrize("kv", [
     {"llama.expert_count": 0, "llama.expert_used_count": 0},
-    {"llama.attention.sliding_window": 0},
-    {"llama.attention.sliding_window": 256},  # as long as the context: changes nothing
     {"llama.attention.causal": True, "llama.rope.scaling.attn_factor": 1.0},
     {"general.name": "x", "quantize.imatrix.dataset": "wiki", "split.count": 1},
 ])
@@ -129,10 +126,10 @@ def test_switched_off_features_and_descriptive_keys_are_accepted(tmp_path, kv):
 
 
 def test_unknown_tensor_is_refused_by_name(tmp_path):
-    extra = {"blk.0.attn_output.bias": np.zeros(HIDDEN, np.float32),
+    extra = {"blk.0.ffn_down.bias": np.zeros(HIDDEN, np.float32),
              "blk.0.ffn_gate_inp.weight": np.zeros((4, HIDDEN), np.float32)}
     path = write_llama(tmp_path / "m.gguf", extra_tensors=extra)
-    with pytest.raises(UnsupportedModelError, match=r"blk.0.attn_output.bias, blk.0.ffn_gate_inp.weight is not used"):
+    with pytest.raises(UnsupportedModelError, match=r"blk.0.ffn_down.bias, blk.0.ffn_gate_inp.weight is not used"):
         config_of(path)
 
 
@@ -152,3 +149,32 @@ def test_tokenizer_keys_are_read_ignored_with_reason_or_refused(tmp_path):
     with pytest.raises(GGUFError, match="'tokenizer.ggml.some_new_normalizer' is not understood"):
         load_tokenizer(write_llama(tmp_path / "b.gguf", {"tokenizer.ggml.some_new_normalizer": True}),
                        use_cache=False)
+
+
+@pytest.mark.parametrize("kv, want", [
+    ({"llama.attention.sliding_window": 128}, (128, (True,))),  # no pattern: every layer (Mistral)
+    ({"llama.attention.sliding_window": 0}, (None, ())),
+    ({}, (None, ())),
+])
+def test_sliding_window_is_read(tmp_path, kv, want):
+    cfg = config_of(write_llama(tmp_path / "m.gguf", kv))
+    assert (cfg.sliding_window, cfg.sliding_layers) == want
+
+
+def test_sliding_window_pattern_marks_layers(tmp_path):
+    path = tmp_path / "m.gguf"
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    for add, value in [(w.add_block_count, LAYERS), (w.add_context_length, 256), (w.add_embedding_length, HIDDEN),
+                       (w.add_feed_forward_length, FFN), (w.add_head_count, HEADS), (w.add_head_count_kv, KV_HEADS),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_sliding_window, 64)]:
+        add(value)
+    w.add_sliding_window_pattern([True] * LAYERS)
+    for name, arr in _tensors(rng).items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = config_of(path)
+    assert (cfg.sliding_window, cfg.sliding_layers, cfg.layer_window(0)) == (64, (True,), 64)

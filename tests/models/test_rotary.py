@@ -7,7 +7,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pyserve.config import RopeConfig, UnsupportedModelError
-from pyserve.models.rotary import rotary_frequencies
+from pyserve.models.layers.rotary import rotary_frequencies
 
 BASE = dict(hidden_size=512, num_attention_heads=8, max_position_embeddings=4096, rope_theta=500000.0)
 SCALINGS = {

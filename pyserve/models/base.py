@@ -1,0 +1,75 @@
+"""What every model shares: its modules by checkpoint name (for the loader), the KV cache it needs,
+and warming its matmuls. A model file subclasses CausalLM, builds its layers in `__init__` and
+lists them in `named_modules`; load_model fills them (models/loading.py)."""
+
+from __future__ import annotations
+
+import math
+import mmap
+import re
+
+import torch
+
+from pyserve.config import ModelConfig
+from pyserve.models.layers.linear import LinearLayer
+from pyserve.models.layers.weight import Weight
+from pyserve.models.prefault import populate_in_background
+
+
+class CausalLM:
+    # Checkpoint module -> (fused module, shard): separate tensors fused into one layer.
+    packed_modules: dict[str, tuple[str, str]] = {}
+    # Checkpoint tensors that hold nothing we compute from, and why.
+    ignored_weights: dict[re.Pattern, str] = {}
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+
+    def named_modules(self) -> dict[str, object]:
+        """Checkpoint prefix -> module (anything with `weights()`)."""
+        raise NotImplementedError
+
+    def weight_slots(self) -> dict[str, Weight]:
+        return {f"{prefix}.{local}": w for prefix, module in self.named_modules().items()
+                for local, w in module.weights().items()}
+
+    def finish_loading(self) -> None:
+        for module in self.named_modules().values():
+            if hasattr(module, "finish_loading"):
+                module.finish_loading()
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The embedding weight (its dtype is the KV cache's)."""
+        return self.embed_tokens.weight.data
+
+    def warm_up_matmuls(self, max_tokens: int, max_logit_rows: int) -> None:
+        """Build every matmul primitive a step of up to max_tokens tokens and max_logit_rows sampled rows
+        can use (models/linear.py), so that serving builds and caches none. A primitive depends on
+        shapes, not weights: one layer of each shape warms them all."""
+        seen = set()
+        for prefix, module in self.named_modules().items():
+            if isinstance(module, LinearLayer) and module is not self.lm_head:
+                shape = (module.in_features, module.out_features)
+                if shape not in seen:
+                    seen.add(shape)
+                    module.warm_up(max_tokens)
+        self.lm_head.warm_up(max_logit_rows)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
+        shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        layers = self.cfg.num_layers
+        if self.device.type == "cpu":
+            # An anonymous mapping is zero-filled by the kernel a page at a time, on first touch, so a
+            # cache of gigabytes costs nothing at startup (torch.zeros writes every byte: ~0.3 s/GiB);
+            # a background thread then backs it with memory before requests need it (prefault.py).
+            nbytes = 2 * layers * math.prod(shape) * self.embed.element_size()
+            buf = mmap.mmap(-1, nbytes)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                buf.madvise(mmap.MADV_HUGEPAGE)  # fewer, larger faults where the kernel grants them
+            caches = torch.frombuffer(buf, dtype=self.dtype).view(2 * layers, *shape)
+            populate_in_background(buf)
+        else:
+            caches = torch.zeros((2 * layers, *shape), device=self.device, dtype=self.dtype)
+        return [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]

@@ -1,0 +1,37 @@
+"""The vocabulary embedding, and the LM head (its own weight, or the embedding's when tied)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pyserve.models.layers.linear import LinearLayer
+from pyserve.models.layers.weight import Weight
+
+
+class VocabEmbedding:
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device):
+        self.weight = Weight((vocab_size, hidden_size), dtype, device)
+
+    def weights(self) -> dict[str, Weight]:
+        return {"weight": self.weight}
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight.data)
+
+
+class LMHead(LinearLayer):
+    """hidden -> vocabulary logits. Tied: built from the embedding's weight after loading."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tied_to: VocabEmbedding | None,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(hidden_size, vocab_size, dtype=dtype, device=device)
+        self.tied_to = tied_to
+
+    def weights(self) -> dict[str, Weight]:
+        return {} if self.tied_to is not None else super().weights()
+
+    def finish_loading(self) -> None:
+        if self.tied_to is not None:
+            self.weight.data = self.tied_to.weight.data
+        super().finish_loading()
