@@ -23,6 +23,7 @@ from sanic.response import HTTPResponse
 import pyserve
 from pyserve.engine.async_engine import EngineDeadError, RequestFailedError
 from pyserve.engine.chat_template import ChatTemplateError, render_chat
+from pyserve.server import logprobs as lpfmt
 from pyserve.server import protocol
 from pyserve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pyserve.server.metrics import Metrics
@@ -60,10 +61,11 @@ def _sse(obj) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _sse_chunk(cid: str, obj: str, created: int, model: str, choices: list, usage: dict | None = None) -> bytes:
+def _sse_chunk(cid: str, obj: str, created: int, model: str, choices: list, usage: dict | None = None,
+               **extra) -> bytes:
     """One streamed event in OpenAI's chunk shape (completions and chat differ only in `object`)."""
     c = {"id": cid, "object": obj, "created": created, "model": model,
-         "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+         "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}
     if usage is not None:
         c["usage"] = usage
     return _sse(c)
@@ -249,33 +251,10 @@ async def _respond_sse(state: State, request, rids: list[str]):
         raise
 
 
-def _decode_token(tok, token_id: int) -> str:
-    return tok.decode([token_id])
-
-
-def _completion_logprobs(tok, ids, lps, tops, offset: int) -> dict:
-    tokens = [_decode_token(tok, t) for t in ids]
-    offsets = []
-    for s in tokens:
-        offsets.append(offset)
-        offset += len(s)
-    top = None
-    if tops is not None:
-        top = [{_decode_token(tok, t): lp for t, lp in sorted(d.items(), key=lambda kv: -kv[1])} for d in tops]
-    return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top, "text_offset": offsets}
-
-
-def _chat_logprobs(tok, ids, lps, tops) -> dict:
-    content = []
-    for k, (t, lp) in enumerate(zip(ids, lps)):
-        s = _decode_token(tok, t)
-        entry = {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []}
-        if tops is not None and k < len(tops):
-            for tid, tlp in sorted(tops[k].items(), key=lambda kv: -kv[1]):
-                ts = _decode_token(tok, tid)
-                entry["top_logprobs"].append({"token": ts, "logprob": tlp, "bytes": list(ts.encode("utf-8"))})
-        content.append(entry)
-    return {"content": content}
+async def _build(fn, *args, heavy: bool):
+    """fn(*args), on a worker thread when heavy: logprobs of a whole prompt (2048 positions x 21
+    tokens) take ~0.2 s to decode and shape, which the event loop must not wait for."""
+    return await asyncio.to_thread(fn, *args) if heavy else fn(*args)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
@@ -507,7 +486,7 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         state.check_live()
         req = protocol.parse_completion(_json_body(request))
         model = state.check_model(req.model)
-        tok = state.tokenizer
+        text = lpfmt.TokenText(state.tokenizer)
         cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         n = req.params.n
@@ -518,7 +497,15 @@ def create_app(args, t_start: float | None = None) -> Sanic:
             if not req.echo:
                 return ""
             p = req.prompts[i]
-            return p if isinstance(p, str) else tok.decode(out.prompt_token_ids)
+            return p if isinstance(p, str) and out.prompt == p else state.tokenizer.decode(out.prompt_token_ids)
+
+        def logprobs(out, o, start: int, offset: int, echo: bool) -> dict | None:
+            if not want_lp:
+                return None
+            prompt = (out.prompt_token_ids, out.prompt_logprobs) if echo and out.prompt_logprobs else None
+            return lpfmt.completion_logprobs(text, o.token_ids[start:], (o.logprobs or [])[start:],
+                                             None if o.top_logprobs is None else o.top_logprobs[start:],
+                                             offset, prompt)
 
         if not req.stream:
             finals: dict[int, object] = {}
@@ -526,26 +513,36 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                 async for i, out in stream:
                     if out.finished:
                         finals[i] = out
-            choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
-            for i in range(len(req.prompts)):
-                out = finals[i]
-                prompt_tokens += len(out.prompt_token_ids)
-                cached += out.num_cached_tokens
-                for o in out.outputs:
-                    completion_tokens += len(o.token_ids)
-                    pre = echo_text(i, out)
-                    lp = (_completion_logprobs(tok, o.token_ids, o.logprobs or [], o.top_logprobs, len(pre))
-                          if want_lp else None)
-                    choices.append({"index": i * n + o.index, "text": pre + o.text, "logprobs": lp,
-                                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-            return _json({"id": cid, "object": "text_completion", "created": created, "model": model,
-                          "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
-                          "usage": _usage(prompt_tokens, completion_tokens, cached)})
+
+            def response() -> dict:
+                choices, prompt_tokens, completion_tokens, cached = [], 0, 0, 0
+                for i in range(len(req.prompts)):
+                    out = finals[i]
+                    prompt_tokens += len(out.prompt_token_ids)
+                    cached += out.num_cached_tokens
+                    prompt_lps = (None if out.prompt_logprobs is None
+                                  else lpfmt.prompt_logprobs(text, out.prompt_logprobs))
+                    for o in out.outputs:
+                        completion_tokens += len(o.token_ids)
+                        choice = {"index": i * n + o.index, "text": echo_text(i, out) + o.text,
+                                  "logprobs": logprobs(out, o, 0, 0, req.echo),
+                                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                        if prompt_lps is not None:
+                            choice["prompt_logprobs"] = prompt_lps
+                        if req.return_token_ids:
+                            choice["prompt_token_ids"] = out.prompt_token_ids
+                            choice["token_ids"] = o.token_ids
+                        choices.append(choice)
+                return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                        "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+                        "usage": _usage(prompt_tokens, completion_tokens, cached)}
+
+            return _json(await _build(response, heavy=req.params.prompt_logprobs is not None))
 
         resp = await _respond_sse(state, request, rids)
 
-        def chunk(choices, usage=None):
-            return _sse_chunk(cid, "text_completion", created, model, choices, usage)
+        def chunk(choice, usage=None):
+            return _sse_chunk(cid, "text_completion", created, model, [choice], usage)
 
         sent_tokens: dict[tuple[int, int], int] = {}
         sent_chars: dict[tuple[int, int], int] = {}
@@ -558,38 +555,40 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                 async for i, out in stream:
                     prompt_tokens[i] = len(out.prompt_token_ids)
                     cached[i] = out.num_cached_tokens
-                    choices = []
+                    for o in out.outputs:
+                        generated[(i, o.index)] = len(o.token_ids)
+                    # One choice per chunk, as OpenAI and vLLM stream n > 1 and several prompts.
                     for o in out.outputs:
                         key = (i, o.index)
-                        generated[key] = len(o.token_ids)
-                        if key in completion_tokens and key not in sent_tokens:
+                        if key in completion_tokens:
                             continue  # already finished
                         first = key not in sent_chars
                         start = sent_tokens.get(key, 0)
-                        new_ids = o.token_ids[start:]
-                        if not o.delta_text and not new_ids and not o.finished and not (first and req.echo):
+                        if not o.delta_text and len(o.token_ids) == start and not o.finished \
+                                and not (first and req.echo):
                             continue
-                        text = (echo_text(i, out) if first else "") + o.delta_text
-                        lp = None
-                        if want_lp:
-                            lp = _completion_logprobs(tok, new_ids, (o.logprobs or [])[start:],
-                                                      (o.top_logprobs or [])[start:] if o.top_logprobs is not None
-                                                      else None, sent_chars.get(key, 0))
-                        sent_chars[key] = sent_chars.get(key, 0) + len(text)
+                        echo = first and req.echo
+                        pre = echo_text(i, out) if echo else ""
+                        offset = 0 if echo else sent_chars.get(key, 0)
+                        lp = await _build(logprobs, out, o, start, offset, echo, heavy=echo and want_lp)
+                        choice = {"index": i * n + o.index, "text": pre + o.delta_text, "logprobs": lp,
+                                  "finish_reason": o.finish_reason,
+                                  "stop_reason": o.stop_reason if o.finished else None}
+                        if req.return_token_ids:
+                            if first:
+                                choice["prompt_token_ids"] = out.prompt_token_ids
+                            choice["token_ids"] = o.token_ids[start:]
+                        sent_chars[key] = sent_chars.get(key, 0) + len(choice["text"])
                         sent_tokens[key] = len(o.token_ids)
-                        choices.append({"index": i * n + o.index, "text": text, "logprobs": lp,
-                                        "finish_reason": o.finish_reason,
-                                        "stop_reason": o.stop_reason if o.finished else None})
                         if o.finished:
                             completion_tokens[key] = len(o.token_ids)
-                            del sent_tokens[key]
-                    if choices:
                         usage = (_usage(sum(prompt_tokens.values()), sum(generated.values()), sum(cached.values()))
                                  if req.continuous_usage else None)
-                        await resp.send(chunk(choices, usage))
+                        await resp.send(chunk(choice, usage))
             if req.include_usage:
-                await resp.send(chunk([], _usage(sum(prompt_tokens.values()), sum(completion_tokens.values()),
-                                                 sum(cached.values()))))
+                await resp.send(_sse_chunk(cid, "text_completion", created, model, [],
+                                           _usage(sum(prompt_tokens.values()), sum(completion_tokens.values()),
+                                                  sum(cached.values()))))
         except (EngineDeadError, RequestFailedError, ValueError) as e:
             await resp.send(_sse(protocol.error_body(str(e), "engine_error")))
         await resp.send(b"data: [DONE]\n\n")
@@ -604,12 +603,18 @@ def create_app(args, t_start: float | None = None) -> Sanic:
         state.check_live()
         req = protocol.parse_chat(_json_body(request))
         model = state.check_model(req.model)
-        tok = state.tokenizer
+        text = lpfmt.TokenText(state.tokenizer)
         ids = await _chat_prompt_ids(req)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         rids, iters, trackers = await _add_all(state, cid, [ids], req.params, "messages")
         want_lp = req.top_logprobs is not None
+
+        def logprobs(o, start: int) -> dict | None:
+            if not want_lp:
+                return None
+            return lpfmt.chat_logprobs(text, o.token_ids[start:], (o.logprobs or [])[start:],
+                                       None if o.top_logprobs is None else o.top_logprobs[start:])
 
         if not req.stream:
             final = None
@@ -619,23 +624,32 @@ def create_app(args, t_start: float | None = None) -> Sanic:
                         final = out
             choices = []
             for o in final.outputs:
-                lp = _chat_logprobs(tok, o.token_ids, o.logprobs or [], o.top_logprobs) if want_lp else None
-                choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                                "logprobs": lp, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-            return _json({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                          "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
-                          "usage": _usage(len(final.prompt_token_ids), sum(len(o.token_ids) for o in final.outputs),
-                                          final.num_cached_tokens)})
+                choice = {"index": o.index, "message": {"role": "assistant", "content": o.text},
+                          "logprobs": logprobs(o, 0), "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                if req.return_token_ids:
+                    choice["token_ids"] = o.token_ids
+                choices.append(choice)
+            body = {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                    "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+                    "usage": _usage(len(final.prompt_token_ids), sum(len(o.token_ids) for o in final.outputs),
+                                    final.num_cached_tokens)}
+            if final.prompt_logprobs is not None:
+                body["prompt_logprobs"] = await _build(lpfmt.prompt_logprobs, text, final.prompt_logprobs, heavy=True)
+            if req.return_token_ids:
+                body["prompt_token_ids"] = final.prompt_token_ids
+            return _json(body)
 
         resp = await _respond_sse(state, request, rids)
 
-        def chunk(choices, usage=None):
-            return _sse_chunk(cid, "chat.completion.chunk", created, model, choices, usage)
+        def chunk(choice, usage=None, **extra):
+            return _sse_chunk(cid, "chat.completion.chunk", created, model, [choice], usage, **extra)
 
         n = req.params.n
-        await resp.send(chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None} for k in range(n)],
-                              _usage(len(ids), 0) if req.continuous_usage else None))
+        for k in range(n):  # one choice per chunk, as OpenAI and vLLM stream n > 1
+            await resp.send(chunk({"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None},
+                                  _usage(len(ids), 0) if req.continuous_usage else None,
+                                  **({"prompt_token_ids": ids} if req.return_token_ids and k == 0 else {})))
         sent_tokens = [0] * n
         done = [False] * n
         last = None
@@ -643,33 +657,27 @@ def create_app(args, t_start: float | None = None) -> Sanic:
             async with contextlib.aclosing(_merged(state, rids, iters, trackers)) as stream:
                 async for _, out in stream:
                     last = out
-                    choices = []
                     for o in out.outputs:
                         if done[o.index]:
                             continue
                         start = sent_tokens[o.index]
-                        new_ids = o.token_ids[start:]
-                        if not o.delta_text and not new_ids and not o.finished:
+                        if not o.delta_text and len(o.token_ids) == start and not o.finished:
                             continue
-                        lp = None
-                        if want_lp:
-                            lp = _chat_logprobs(tok, new_ids, (o.logprobs or [])[start:],
-                                                (o.top_logprobs or [])[start:] if o.top_logprobs is not None
-                                                else None)
+                        choice = {"index": o.index, "delta": {"content": o.delta_text} if o.delta_text else {},
+                                  "logprobs": logprobs(o, start), "finish_reason": o.finish_reason,
+                                  "stop_reason": o.stop_reason if o.finished else None}
+                        if req.return_token_ids:
+                            choice["token_ids"] = o.token_ids[start:]
                         sent_tokens[o.index] = len(o.token_ids)
-                        delta = {"content": o.delta_text} if o.delta_text else {}
-                        choices.append({"index": o.index, "delta": delta, "logprobs": lp,
-                                        "finish_reason": o.finish_reason,
-                                        "stop_reason": o.stop_reason if o.finished else None})
                         done[o.index] = o.finished
-                    if choices:
                         usage = (_usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs),
                                         out.num_cached_tokens) if req.continuous_usage else None)
-                        await resp.send(chunk(choices, usage))
+                        await resp.send(chunk(choice, usage))
             if req.include_usage and last is not None:
-                await resp.send(chunk([], _usage(len(last.prompt_token_ids),
-                                                 sum(len(o.token_ids) for o in last.outputs),
-                                                 last.num_cached_tokens)))
+                await resp.send(_sse_chunk(cid, "chat.completion.chunk", created, model, [],
+                                           _usage(len(last.prompt_token_ids),
+                                                  sum(len(o.token_ids) for o in last.outputs),
+                                                  last.num_cached_tokens)))
         except (EngineDeadError, RequestFailedError, ValueError) as e:
             await resp.send(_sse(protocol.error_body(str(e), "engine_error")))
         await resp.send(b"data: [DONE]\n\n")

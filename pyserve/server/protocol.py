@@ -69,14 +69,38 @@ _UNSUPPORTED = ("tools", "functions", "function_call", "suffix", "audio", "predi
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "logit_bias", "stop", "stop_token_ids",
-                    "ignore_eos", "min_tokens", "skip_special_tokens", "include_stop_str_in_output")
+                    "ignore_eos", "min_tokens", "skip_special_tokens", "include_stop_str_in_output",
+                    "prompt_logprobs", "truncate_prompt_tokens")
+
+_ANY = object()  # no value of the field is accepted (but null)
+# vLLM's own request fields that this server does not implement (vLLM 0.11's CompletionRequest and
+# ChatCompletionRequest): a 400 naming the field, unless it is null or the value that changes nothing.
+_VLLM_UNSUPPORTED: dict[str, Any] = {
+    "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True,
+    "allowed_token_ids": _ANY, "bad_words": [], "prompt_embeds": _ANY, "structured_outputs": _ANY,
+    "structural_tag": _ANY, "guided_decoding_backend": _ANY, "guided_whitespace_pattern": _ANY,
+    "priority": 0, "request_id": _ANY, "logits_processors": _ANY, "return_tokens_as_token_ids": False,
+    "cache_salt": _ANY, "kv_transfer_params": _ANY, "vllm_xargs": _ANY, "repetition_detection": _ANY,
+    "mm_processor_kwargs": _ANY,
+}
+_VLLM_UNSUPPORTED_COMPLETION = {"add_special_tokens": True}
+_VLLM_UNSUPPORTED_CHAT = {"add_special_tokens": False, "continue_final_message": False, "documents": _ANY,
+                          "chat_template": _ANY, "chat_template_kwargs": _ANY, "media_io_kwargs": _ANY}
 
 
-def _check_unsupported(body: dict) -> None:
+def _check_unsupported(body: dict, vllm_extra: dict[str, Any]) -> None:
     for name in _UNSUPPORTED:
         v = body.get(name)
         if v is not None and v != [] and v != "":
             raise APIError(400, f"{name} is not supported by this server", param=name)
+    for table in (_VLLM_UNSUPPORTED, vllm_extra):
+        for name, harmless in table.items():
+            v = body.get(name)
+            if v is None or (harmless is not _ANY and v == harmless
+                             and isinstance(v, bool) == isinstance(harmless, bool)):
+                continue
+            also = "" if harmless is _ANY else f" (only its default, {orjson.dumps(harmless).decode()})"
+            raise APIError(400, f"{name} is not supported by this server{also}", param=name)
     tc = body.get("tool_choice")
     if tc is not None and tc != "none":
         raise APIError(400, "tool_choice is not supported by this server (only 'none')", param="tool_choice")
@@ -154,6 +178,7 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
     continuous_usage: bool = False
+    return_token_ids: bool = False
 
 
 @dataclass
@@ -166,6 +191,7 @@ class ChatRequest:
     include_usage: bool
     top_logprobs: int | None  # None: no logprobs asked
     continuous_usage: bool = False
+    return_token_ids: bool = False
 
 
 def _model(body: dict) -> str | None:
@@ -176,8 +202,18 @@ def _is_token_list(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
 
+def _prompt_logprobs(body: dict, stream: bool) -> None:
+    """vLLM's prompt_logprobs: an integer (checked by SamplingParams), not with streaming."""
+    if body.get("prompt_logprobs") is not None and stream:
+        raise APIError(400, "prompt_logprobs is not available when stream is true", param="prompt_logprobs")
+
+
+def _return_token_ids(body: dict) -> bool:
+    return _opt(body, "return_token_ids", bool, "a boolean") or False
+
+
 def parse_completion(body: dict) -> CompletionRequest:
-    _check_unsupported(body)
+    _check_unsupported(body, _VLLM_UNSUPPORTED_COMPLETION)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list = [prompt]
@@ -193,8 +229,12 @@ def parse_completion(body: dict) -> CompletionRequest:
     if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int)):
         raise APIError(400, f"logprobs must be an integer, got {lp!r}", param="logprobs")
     echo = _opt(body, "echo", bool, "a boolean") or False
+    _prompt_logprobs(body, stream)
+    if echo and lp is not None and body.get("prompt_logprobs") is None:
+        body = {**body, "prompt_logprobs": lp}  # the echoed prompt's logprobs (as vLLM)
     params = sampling_params(body, _max_tokens(body, ("max_tokens",), 16), lp)
-    return CompletionRequest(_model(body), prompts, params, stream, include_usage, echo, continuous_usage)
+    return CompletionRequest(_model(body), prompts, params, stream, include_usage, echo, continuous_usage,
+                             _return_token_ids(body))
 
 
 def _message_content(i: int, content: Any) -> str:
@@ -213,7 +253,7 @@ def _message_content(i: int, content: Any) -> str:
 
 
 def parse_chat(body: dict) -> ChatRequest:
-    _check_unsupported(body)
+    _check_unsupported(body, _VLLM_UNSUPPORTED_CHAT)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of messages", param="messages")
@@ -244,5 +284,7 @@ def parse_chat(body: dict) -> ChatRequest:
     add_gen = body.get("add_generation_prompt", True)
     if not isinstance(add_gen, bool):
         raise APIError(400, "add_generation_prompt must be a boolean", param="add_generation_prompt")
+    _prompt_logprobs(body, stream)
     params = sampling_params(body, _max_tokens(body, ("max_completion_tokens", "max_tokens"), None), n_lp)
-    return ChatRequest(_model(body), clean, add_gen, params, stream, include_usage, n_lp, continuous_usage)
+    return ChatRequest(_model(body), clean, add_gen, params, stream, include_usage, n_lp, continuous_usage,
+                       _return_token_ids(body))

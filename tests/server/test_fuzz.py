@@ -17,7 +17,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 COMMON = ["model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stream_options",
           "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
-          "logit_bias", "logprobs", "ignore_eos", "min_tokens", "skip_special_tokens", "user"]
+          "logit_bias", "logprobs", "ignore_eos", "min_tokens", "skip_special_tokens", "user", "prompt_logprobs",
+          "truncate_prompt_tokens", "return_token_ids", "cache_salt", "priority"]
 COMPLETION_FIELDS = COMMON + ["prompt", "echo", "best_of", "suffix"]
 CHAT_FIELDS = COMMON + ["messages", "top_logprobs", "max_completion_tokens", "response_format", "tools",
                         "tool_choice", "add_generation_prompt"]
