@@ -8,6 +8,9 @@ from typing import Any
 
 from pyserve.registry import UnsupportedModelError, by_hf_config
 
+# The MLP activations pyserve has kernels for (models/layers/activation.py maps them to ops).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh")
+
 __all__ = ["EngineConfig", "ModelConfig", "RopeConfig", "UnsupportedModelError"]
 
 
@@ -95,6 +98,11 @@ class ModelConfig:
     sliding_window: int | None = None
     # Per layer, whether it attends through the sliding window (empty: no layer does).
     sliding_layers: tuple[bool, ...] = ()
+    hidden_act: str = "silu"  # one of ACTIVATIONS
+    attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    local_rope: RopeConfig | None = None  # Gemma 3: the rope of its sliding-window layers
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def layer_window(self, layer: int) -> int | None:
@@ -105,11 +113,12 @@ class ModelConfig:
     def from_hf(cfg: dict[str, Any]) -> "ModelConfig":
         """From a config.json dict."""
         arch = by_hf_config(cfg).name
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {cfg['hidden_act']!r} (only 'silu')")
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r} (supported: {', '.join(ACTIVATIONS)})")
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        rope = RopeConfig.from_hf(cfg)
+        rope, local_rope = _hf_ropes(cfg)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         layers = int(cfg["num_hidden_layers"])
@@ -128,14 +137,35 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "gemma3_text"),
             o_bias=arch in ("llama", "olmo2") and bool(cfg.get("attention_bias", False)),
             mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
             eos_token_ids=eos_ids,
             bos_token_id=cfg.get("bos_token_id"),
             sliding_window=sliding,
             sliding_layers=sliding_layers,
+            hidden_act=act,
+            attention_scale=(float(cfg["query_pre_attn_scalar"]) ** -0.5 if cfg.get("query_pre_attn_scalar")
+                             else None),
+            attn_logit_softcap=cfg.get("attn_logit_softcapping") or None,
+            final_logit_softcap=cfg.get("final_logit_softcapping") or None,
+            local_rope=local_rope,
         )
+
+
+def _hf_ropes(cfg: dict[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
+    """The rope of full-attention layers, and (Gemma 3) a different one for sliding-window layers:
+    transformers 5 nests them under `rope_parameters` by layer type; older configs give the local
+    layers' base as `rope_local_base_freq`."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        def one(kind: str) -> RopeConfig | None:
+            sub = params.get(kind)
+            return None if sub is None else RopeConfig.from_hf({**cfg, "rope_parameters": sub, "rope_scaling": None})
+        full = one("full_attention") or RopeConfig.from_hf({**cfg, "rope_parameters": None})
+        return full, one("sliding_attention")
+    local = cfg.get("rope_local_base_freq")
+    return RopeConfig.from_hf(cfg), (None if local is None else RopeConfig(theta=float(local)))
 
 
 def _hf_sliding_window(cfg: dict[str, Any], arch: str, layers: int) -> tuple[int | None, tuple[bool, ...]]:
@@ -147,6 +177,11 @@ def _hf_sliding_window(cfg: dict[str, Any], arch: str, layers: int) -> tuple[int
     if types is None:
         if arch == "mistral":
             types = ["sliding_attention"] * layers
+        elif arch == "gemma2":  # every other layer, from the first
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+        elif arch == "gemma3_text":  # all but every sliding_window_pattern-th
+            every = int(cfg.get("sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
         elif arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
             start = int(cfg.get("max_window_layers", layers))
             types = ["full_attention" if i < start else "sliding_attention" for i in range(layers)]

@@ -28,6 +28,9 @@ ARCHITECTURES = (
     Architecture("qwen2", ("Qwen2ForCausalLM",), "qwen2"),
     Architecture("qwen3", ("Qwen3ForCausalLM",), "qwen3"),
     Architecture("olmo2", ("Olmo2ForCausalLM",), "olmo2", model="pyserve.models.olmo2:Olmo2Model"),
+    Architecture("gemma2", ("Gemma2ForCausalLM",), "gemma2", model="pyserve.models.gemma:GemmaModel"),
+    # Gemma 3's text-only checkpoints (1B); the multimodal ones are model_type "gemma3".
+    Architecture("gemma3_text", ("Gemma3ForCausalLM",), "gemma3", model="pyserve.models.gemma:GemmaModel"),
 )
 _BY_NAME = {a.name: a for a in ARCHITECTURES}
 _BY_GGUF = {a.gguf_name: a for a in ARCHITECTURES if a.gguf_name}

@@ -40,7 +40,7 @@ class LlamaDecoderLayer:
         self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias,
                                         output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
                                         **like)
-        self.act_and_mul = ACTIVATIONS["silu"]
+        self.act_and_mul = ACTIVATIONS[cfg.hidden_act]
         self.down_proj = LinearLayer(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, **like)
 
     def named_modules(self, prefix: str) -> dict[str, object]:
@@ -71,7 +71,11 @@ class LlamaDecoderLayer:
         rotary(positions, q, k)  # in place, inside qkv
         h = self.o_proj(self.attn(q, k, v, kv_cache, meta).view(n, self.q_size))
         self.post_attention_layernorm.add_and_norm(h, residual)
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(h))), residual
+        return self.mlp(h), residual
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block on the normalised hidden state (MoE layers replace it)."""
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaModel(CausalLM):

@@ -30,7 +30,7 @@ class Olmo2DecoderLayer:
         self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size,
                                         output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
                                         **like)
-        self.act_and_mul = ACTIVATIONS["silu"]
+        self.act_and_mul = ACTIVATIONS[cfg.hidden_act]
         self.down_proj = LinearLayer(cfg.intermediate_size, cfg.hidden_size, **like)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **like)
 

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from pyserve.config import UnsupportedModelError
+from pyserve.config import ModelConfig, UnsupportedModelError
 from pyserve.loader.hf import ModelLoadError
 from pyserve.models import load_model
 from tests.models.paged_runner import PagedRunner
@@ -47,13 +47,24 @@ def make_config(arch: str):
         return transformers.MistralConfig(**COMMON, sliding_window=12)
     if arch == "qwen2-window":  # layer 0 full, layer 1 windowed (max_window_layers)
         return transformers.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=10, max_window_layers=1)
+    if arch == "gemma2":  # alternating sliding/full layers, both soft-caps; window < the longer prompts
+        return transformers.Gemma2Config(**GEMMA, sliding_window=12,
+                                         attn_logit_softcapping=20.0, final_logit_softcapping=10.0)
+    if arch == "gemma3":  # per-head q/k norms, a different rope on the sliding layers, linear on the full ones
+        return transformers.Gemma3TextConfig(**GEMMA, sliding_window=12,
+                                             layer_types=["sliding_attention", "full_attention"] * 2,
+                                             rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                                    "rope_theta": 10000.0},
+                                                              "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                                 "rope_theta": 1000000.0}})
     if arch == "mistral":
         return transformers.MistralConfig(**COMMON, sliding_window=None)
     raise ValueError(arch)
 
 
+GEMMA = dict(COMMON, num_hidden_layers=4, head_dim=64, query_pre_attn_scalar=48)
 ARCHS = ["llama", "llama3-rope", "llama-linear-rope", "llama-tied", "qwen2", "qwen2-yarn", "qwen3", "llama-biases", "olmo2", "mistral",
-         "mistral-window", "qwen2-window"]
+         "mistral-window", "qwen2-window", "gemma2", "gemma3"]
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -107,7 +118,7 @@ def test_greedy_tokens_match_generate(hf_model):
 
 def test_unsupported_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
-    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*supported: llama, mistral, qwen2, qwen3, olmo2"):
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*supported: llama, mistral, qwen2, qwen3, olmo2, gemma2, gemma3_text"):
         load_model(tmp_path)
 
 
@@ -155,3 +166,13 @@ def test_a_missing_weight_is_named_as_the_checkpoint_names_it(tmp_path, hf_model
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(MissingWeightError, match=r"weight model.layers.1.self_attn.k_proj.weight is missing"):
         load_model(tmp_path, dtype="float32")
+
+
+def test_every_activation_the_config_accepts_has_a_kernel():
+    from pyserve.config import ACTIVATIONS as ACCEPTED
+    from pyserve.models.layers.activation import ACTIVATIONS as KERNELS
+
+    assert set(ACCEPTED) == set(KERNELS)
+    with pytest.raises(UnsupportedModelError, match="unsupported hidden_act 'relu2'"):
+        ModelConfig.from_hf({"model_type": "llama", "hidden_act": "relu2", "num_attention_heads": 4,
+                           "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 8, "intermediate_size": 8})

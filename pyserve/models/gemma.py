@@ -1,0 +1,114 @@
+"""Gemma 2 and Gemma 3 (text): the Llama decoder with Gemma's differences.
+
+- RMSNorm weights are offsets from 1 (`(1 + w) * x_normed`, in fp32: the kernels' weight_offset=1).
+- Four norms per layer: before and after attention, before and after the MLP.
+- Embeddings scaled by sqrt(hidden_size); GeLU-tanh MLP; attention scaled by
+  query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
+- Sliding-window attention on the layers `layer_types` marks (every other one in Gemma 2, five in
+  six in Gemma 3), Gemma 3 with its own rope base on those layers.
+- Gemma 2: attention scores and final logits soft-capped (cap * tanh(x / cap)); Gemma 3: an RMSNorm
+  over each head of q and k before rotary instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyserve.config import ModelConfig
+from pyserve.models.layers.activation import ACTIVATIONS
+from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
+from pyserve.models.layers.linear import LinearLayer
+from pyserve.models.layers.norm import RMSNorm
+from pyserve.models.layers.rotary import RotaryEmbedding
+from pyserve.models.llama import LlamaModel
+
+GEMMA_NORM = 1.0  # weight_offset of every Gemma RMSNorm
+
+
+class GemmaDecoderLayer:
+    def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype, device: torch.device):
+        self.cfg = cfg
+        self.window = cfg.layer_window(index)
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        like = dict(dtype=dtype, device=device)
+        norm = dict(like, weight_offset=GEMMA_NORM)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.qkv_proj = LinearLayer(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
+                                    output_shards={"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, **like)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **norm) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **norm) if cfg.qk_norm else None
+        self.o_proj = LinearLayer(self.q_size, cfg.hidden_size, **like)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cfg.attention_scale or cfg.head_dim ** -0.5, sliding_window=self.window,
+                                   logits_soft_cap=cfg.attn_logit_softcap)
+        self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size,
+                                        output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
+                                        **like)
+        self.act_and_mul = ACTIVATIONS[cfg.hidden_act]
+        self.down_proj = LinearLayer(cfg.intermediate_size, cfg.hidden_size, **like)
+
+    def named_modules(self, prefix: str) -> dict[str, object]:
+        modules = {"input_layernorm": self.input_layernorm, "post_attention_layernorm": self.post_attention_layernorm,
+                   "pre_feedforward_layernorm": self.pre_feedforward_layernorm,
+                   "post_feedforward_layernorm": self.post_feedforward_layernorm,
+                   "self_attn.qkv_proj": self.qkv_proj, "self_attn.o_proj": self.o_proj,
+                   "mlp.gate_up_proj": self.gate_up_proj, "mlp.down_proj": self.down_proj}
+        if self.q_norm is not None:
+            modules |= {"self_attn.q_norm": self.q_norm, "self_attn.k_norm": self.k_norm}
+        return {f"{prefix}.{name}": m for name, m in modules.items()}
+
+    def __call__(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                 rotary: dict[bool, RotaryEmbedding], kv_cache: tuple[torch.Tensor, torch.Tensor],
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if residual is None:  # first layer: the embeddings are the residual stream
+            residual, x = h, self.input_layernorm(h)
+        else:  # residual += h (the last MLP's output); x = norm(residual)
+            self.input_layernorm.add_and_norm(h, residual)
+            x = h
+        qkv = self.qkv_proj(x)
+        n = qkv.shape[0]
+        q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            self.q_norm.inplace(q)
+            self.k_norm.inplace(k)
+        rotary[self.window is not None](positions, q, k)
+        attn = self.post_attention_layernorm(self.o_proj(self.attn(q, k, v, kv_cache, meta).view(n, self.q_size)))
+        self.pre_feedforward_layernorm.add_and_norm(attn, residual)  # residual += attn; attn = norm(residual)
+        mlp = self.down_proj(self.act_and_mul(self.gate_up_proj(attn)))
+        return self.post_feedforward_layernorm(mlp), residual
+
+
+class GemmaModel(LlamaModel):
+    decoder_layer = GemmaDecoderLayer
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int | None = None):
+        super().__init__(cfg, device, dtype, max_positions)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device, weight_offset=GEMMA_NORM)
+        positions = max_positions or cfg.max_position_embeddings
+        local = (RotaryEmbedding(cfg.head_dim, positions, cfg.local_rope, device, dtype)
+                 if cfg.local_rope is not None else self.rotary)
+        self.rotaries = {False: self.rotary, True: local}  # by "is this a sliding-window layer"
+        # transformers multiplies by the scale cast to the weights' dtype.
+        self.embed_scale = torch.tensor(math.sqrt(cfg.hidden_size), dtype=dtype).item()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """As LlamaModel.forward: [num_outputs, vocab] fp32 logits."""
+        h = self.embed_tokens(input_ids) * self.embed_scale
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h, residual = layer(h, residual, positions, self.rotaries, kv_cache, meta)
+        h = self.norm((h + residual)[logits_indices])
+        logits = self.lm_head(h).float()
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
