@@ -14,6 +14,9 @@ from typing import Any
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+# The detokenizer holds every proper prefix of a stop string (quadratic in its length): 16 stop strings of
+# 100k characters, a 1.6 MB body, would take some 80 GB.
+MAX_STOP_CHARS = 1024
 MAX_N = 128  # OpenAI's limit; every sample is a sequence the engine builds in one go
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 _GREEDY_EPS = 1e-5
@@ -69,6 +72,8 @@ def _stop_list(v: Any) -> list[str]:
     for s in stops:
         if not isinstance(s, str) or not s:
             raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of {len(s)}")
     return list(stops)
 
 

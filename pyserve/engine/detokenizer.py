@@ -25,11 +25,20 @@ not on where the token boundaries fall, and the released text never contains a s
 
 from __future__ import annotations
 
+import functools
+
 from tokenizers import Tokenizer
 
 # Prompt tokens decoded in front of the generated ones, as context (vLLM uses 5 too).
 PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
+
+
+@functools.lru_cache(maxsize=8)
+def _proper_prefixes(stops: tuple[str, ...]) -> frozenset[str]:
+    """The tails worth holding back; quadratic in a stop string's length (SamplingParams caps it), so
+    built once for the n samples of a request."""
+    return frozenset(s[:i] for s in stops for i in range(1, len(s)))
 
 
 class IncrementalDetokenizer:
@@ -45,8 +54,7 @@ class IncrementalDetokenizer:
         self._skip_special = skip_special_tokens
         self._stop = list(stop)
         self._include_stop = include_stop_str_in_output
-        # Proper prefixes of the stop strings: the tails worth holding back.
-        self._stop_prefixes = {s[:i] for s in self._stop for i in range(1, len(s))}
+        self._stop_prefixes = _proper_prefixes(tuple(self._stop))
         self._max_hold = max((len(s) - 1 for s in self._stop), default=0)
 
         context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])

@@ -309,3 +309,10 @@ def test_property_stream_equals_reference(tok, data, include, skip):
         assert not any(s in streamed for s in stops)
     if "\ufffd" not in full:
         assert all("\ufffd" not in c for c in out)
+
+
+def test_samples_share_their_stop_prefixes(tok):
+    """n samples of one request hold one set of stop-string prefixes, not n (each costs quadratic memory)."""
+    stops = ["x" * 1000, "y" * 900]
+    a, b = (IncrementalDetokenizer(tok.tokenizer, [1], True, list(stops)) for _ in range(2))
+    assert a._stop_prefixes is b._stop_prefixes and len(a._stop_prefixes) == 999 + 899

@@ -97,6 +97,7 @@ INVALID = [
     ("stop", ["ok", 3]),
     ("stop", 5),
     ("stop", [f"s{i}" for i in range(17)]),
+    ("stop", ["ok", "x" * 1025]),
     ("stop_token_ids", [1, "2"]),
     ("stop_token_ids", [1.0]),
     ("stop_token_ids", 5),
@@ -145,7 +146,7 @@ def test_valid_edges():
     SamplingParams(repetition_penalty=1e-3, max_tokens=1, min_tokens=1, logit_bias={0: -100, 1: 100})
     SamplingParams(stop=[f"s{i}" for i in range(16)], stop_token_ids=[0, 5], seed=0, n=4)
     SamplingParams(seed=-(2 ** 63), n=128, top_k=2 ** 63 - 1, prompt_logprobs=20, truncate_prompt_tokens=-1)
-    SamplingParams(seed=2 ** 63 - 1, prompt_logprobs=0, truncate_prompt_tokens=1)
+    SamplingParams(seed=2 ** 63 - 1, prompt_logprobs=0, truncate_prompt_tokens=1, stop=["x" * 1024] * 16)
 
 
 def test_validate_for_vocab():

@@ -36,7 +36,7 @@ def test_wrong_model_sdk(client):
 
 @pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 0), ("n", 0), ("max_tokens", 0),
                                          ("presence_penalty", 3), ("top_k", -5), ("stop", 7),
-                                         ("logit_bias", {"999999": 1})])
+                                         ("logit_bias", {"999999": 1}), ("stop", ["x" * 1025])])
 def test_bad_values_400(server, field, value):
     _check(*http("POST", server.url + "/v1/chat/completions", {**CHAT, field: value}), 400, field)
 
