@@ -103,6 +103,13 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     local_rope: RopeConfig | None = None  # Gemma 3: the rope of its sliding-window layers
+    # Mixture of experts (Mixtral, Qwen3-MoE): experts per MoE layer, how many each token runs
+    # through, each expert's MLP width, and whether the top-k routing weights are renormalised.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[bool, ...] = ()  # per layer, whether its MLP is the MoE block (empty: none is)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def layer_window(self, layer: int) -> int | None:
@@ -137,7 +144,7 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch in ("qwen3", "gemma3_text"),
+            qk_norm=arch in ("qwen3", "gemma3_text", "qwen3_moe"),
             o_bias=arch in ("llama", "olmo2") and bool(cfg.get("attention_bias", False)),
             mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
             eos_token_ids=eos_ids,
@@ -150,6 +157,7 @@ class ModelConfig:
             attn_logit_softcap=cfg.get("attn_logit_softcapping") or None,
             final_logit_softcap=cfg.get("final_logit_softcapping") or None,
             local_rope=local_rope,
+            **_hf_moe(cfg, arch, layers),
         )
 
 
@@ -175,7 +183,7 @@ def _hf_sliding_window(cfg: dict[str, Any], arch: str, layers: int) -> tuple[int
     window = cfg.get("sliding_window")
     types = cfg.get("layer_types")
     if types is None:
-        if arch == "mistral":
+        if arch in ("mistral", "mixtral") or (arch == "qwen3_moe" and cfg.get("use_sliding_window")):
             types = ["sliding_attention"] * layers
         elif arch == "gemma2":  # every other layer, from the first
             types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
@@ -194,6 +202,24 @@ def _hf_sliding_window(cfg: dict[str, Any], arch: str, layers: int) -> tuple[int
         return None, ()
     return int(window), tuple(t == "sliding_attention" for t in types)
 
+
+
+def _hf_moe(cfg: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
+    """The MoE fields: Mixtral's experts replace every layer's MLP and are always renormalised;
+    Qwen3-MoE's replace it except on `mlp_only_layers` and off every `decoder_sparse_step`-th layer
+    (transformers' Qwen3MoeDecoderLayer), renormalised when `norm_topk_prob`."""
+    if arch not in ("mixtral", "qwen3_moe"):
+        return {}
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    if arch == "mixtral":
+        moe = (experts > 0,) * layers
+        width, renormalize = int(cfg["intermediate_size"]), True
+    else:
+        step, dense = int(cfg.get("decoder_sparse_step", 1)), set(cfg.get("mlp_only_layers") or ())
+        moe = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers))
+        width, renormalize = int(cfg["moe_intermediate_size"]), bool(cfg.get("norm_topk_prob", False))
+    return dict(num_experts=experts, num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                moe_intermediate_size=width, norm_topk_prob=renormalize, moe_layers=moe)
 
 @dataclass
 class EngineConfig:

@@ -31,6 +31,11 @@ ARCHITECTURES = (
     Architecture("gemma2", ("Gemma2ForCausalLM",), "gemma2", model="pyserve.models.gemma:GemmaModel"),
     # Gemma 3's text-only checkpoints (1B); the multimodal ones are model_type "gemma3".
     Architecture("gemma3_text", ("Gemma3ForCausalLM",), "gemma3", model="pyserve.models.gemma:GemmaModel"),
+    # llama.cpp writes Mixtral as "llama" with experts (llama.expert_count); loader/gguf_model.py reads
+    # such a file as this architecture.
+    Architecture("mixtral", ("MixtralForCausalLM",), None, gguf_permuted_qk=True,
+                 model="pyserve.models.moe:MixtralModel"),
+    Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), "qwen3moe", model="pyserve.models.moe:Qwen3MoeModel"),
 )
 _BY_NAME = {a.name: a for a in ARCHITECTURES}
 _BY_GGUF = {a.gguf_name: a for a in ARCHITECTURES if a.gguf_name}
