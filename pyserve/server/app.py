@@ -85,6 +85,7 @@ class State:
         self.draining = False
         self.inflight = 0  # API requests being handled (drained on SIGTERM)
         self.request_ids: set[str] = set()  # engine requests added and not yet done
+        self.preparing = 0  # prompts past check_queue, being tokenized: they hold their place in the queue
 
     @property
     def tokenizer(self):
@@ -107,7 +108,7 @@ class State:
         limit = self.args.max_queued_requests
         if limit is None:
             return
-        active = len(self.request_ids)
+        active = len(self.request_ids) + self.preparing
         waiting = max(self.aengine.stats().num_waiting, active - self.args.max_num_seqs)
         if max(0, waiting) + new_requests > limit + max(0, self.args.max_num_seqs - active):
             raise APIError(429, f"too many requests waiting (--max-queued-requests {limit}); retry later",
@@ -219,6 +220,7 @@ async def _add_all(state: State, base_id: str, prompts: list, params, prompt_par
     tokenized off the event loop, which keeps serving (/health included) meanwhile."""
     state.check_queue(len(prompts))
     rids, iters = [], []
+    state.preparing += len(prompts)  # until they are in request_ids: a burst must not all pass check_queue
     try:
         prepared = [await state.aengine.prepare(prompt, params) for prompt in prompts]
         for i, prep in enumerate(prepared):
@@ -233,6 +235,8 @@ async def _add_all(state: State, base_id: str, prompts: list, params, prompt_par
         for rid in rids:
             state.aengine.abort(rid)
         raise APIError(503, str(e), type="engine_dead") from None
+    finally:
+        state.preparing -= len(prompts)
     state.request_ids.update(rids)
     return rids, iters, [_Tracker() for _ in rids]
 
