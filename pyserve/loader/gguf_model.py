@@ -47,6 +47,14 @@ _ARCH_LAYER_NAMES = {
     "olmo2": {"post_attention_norm.weight": "post_attention_layernorm.weight",
               "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
               "ffn_norm.weight": None},  # not an OLMo 2 tensor: refused
+    **{gemma: {"post_attention_norm.weight": "post_attention_layernorm.weight",
+               "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight"} for gemma in ("gemma2", "gemma3_text")},
+    # Experts: the router, and each projection stacked over the experts ([E, I, H] gate/up, [E, H, I]
+    # down), named for the MoE layer's stacked slots (models/layers/moe.py).
+    **{arch: {"ffn_gate_inp.weight": f"{moe}.gate.weight", "ffn_gate_exps.weight": f"{moe}.experts.gate_proj",
+              "ffn_up_exps.weight": f"{moe}.experts.up_proj", "ffn_down_exps.weight": f"{moe}.experts.down_proj"}
+       for arch, moe in (("qwen3_moe", "mlp"), ("mixtral", "block_sparse_moe"))},
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -69,15 +77,15 @@ _READ_KEYS = frozenset({
     "rope.scale_linear", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
     "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
     "rope.scaling.yarn_ext_factor", "attention.sliding_window", "attention.sliding_window_pattern",
+    "attn_logit_softcapping", "final_logit_softcapping", "rope.freq_base_swa",
+    "expert_count", "expert_used_count", "expert_feed_forward_length",
 })
 # Features we do not implement, accepted only at the value that switches them off.
 _OFF_VALUES = {
-    "expert_count": 0, "expert_used_count": 0,  # mixture of experts
     "attention.causal": True,
     "rope.scaling.attn_factor": 1.0,
     "rope.scaling.yarn_log_multiplier": 0.0,  # DeepSeek's mscale_all_dim
     "logit_scale": 1.0, "embedding_scale": 1.0, "residual_scale": 1.0,
-    "attn_logit_softcapping": 0.0, "final_logit_softcapping": 0.0,
 }
 # Known and left unread, with the reason.
 IGNORED_KEYS = {
@@ -152,30 +160,50 @@ def _rope_config(meta: dict, arch: str, rope_freqs: torch.Tensor | None, path: s
                                 f"(supported: none, linear, yarn, and llama3 through {ROPE_FREQS})")
 
 
-def _sliding_window(meta: dict, arch: str, layers: int, path: str) -> tuple[int | None, tuple[bool, ...]]:
-    """`attention.sliding_window` (0: none), on the layers `attention.sliding_window_pattern` marks,
-    or on every layer when the file has no pattern (Mistral's rule)."""
+def _sliding_window(meta: dict, arch: str, layers: int, every: int | None,
+                    path: str) -> tuple[int | None, tuple[bool, ...]]:
+    """`attention.sliding_window` (0: none), on the layers `attention.sliding_window_pattern` marks;
+    without a pattern, all but every `every`-th layer (llama.cpp's fixed Gemma patterns), or every
+    layer (Mistral's rule)."""
     window = int(meta.get(f"{arch}.attention.sliding_window", 0))
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
     if window <= 0:
         return None, ()
     if pattern is None:
-        return window, (True,) * layers
+        pattern = [bool((i + 1) % every) if every else True for i in range(layers)]
     if len(pattern) != layers:
         raise GGUFError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for "
                         f"{layers} layers")
     return (window, tuple(bool(x) for x in pattern)) if any(pattern) else (None, ())
 
 
+_GEMMA = ("gemma2", "gemma3_text")
+# llama.cpp's converter writes Gemma's window but not which layers use it: llama.cpp fixes the
+# pattern per architecture (Gemma 2 every other layer, Gemma 3 five in six), as transformers does.
+_DEFAULT_SWA_EVERY = {"gemma2": 2, "gemma3_text": 6}
+
+
+def _gemma_attention_scale(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> float | None:
+    """Gemma's query_pre_attn_scalar is not in the file; llama.cpp uses hidden / heads for the 27B
+    models (46 layers in Gemma 2, 62 in Gemma 3), head_dim otherwise, as their configs say."""
+    if arch not in _GEMMA:
+        return None
+    big = layers == (46 if arch == "gemma2" else 62)
+    return (hidden / heads if big else head_dim) ** -0.5
+
+
 def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     """The ModelConfig of a GGUF file, after refusing what it holds that we would not reproduce."""
     meta = gguf.metadata
-    arch = by_gguf_name(meta.get("general.architecture"), gguf.path).name
-    _check_metadata(meta, arch, gguf.path)
+    prefix = meta.get("general.architecture")  # of the metadata keys; `arch` is pyserve's name
+    arch = by_gguf_name(prefix, gguf.path).name
+    if arch == "llama" and meta.get("llama.expert_count"):
+        arch = "mixtral"  # llama.cpp writes Mixtral as llama with experts
+    _check_metadata(meta, prefix, gguf.path)
     check_tensor_names(gguf, arch)
 
     def need(key: str):
-        full = f"{arch}.{key}"
+        full = f"{prefix}.{key}"
         if full not in meta:
             raise GGUFError(f"{gguf.path}: metadata key {full!r} is missing")
         return meta[full]
@@ -183,17 +211,18 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
     # llama.cpp's defaults: heads of hidden / heads dimensions, all of them rotated.
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
-    rotary_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    head_dim = int(meta.get(f"{prefix}.attention.key_length", hidden // heads))
+    value_dim = int(meta.get(f"{prefix}.attention.value_length", head_dim))
+    rotary_dim = int(meta.get(f"{prefix}.rope.dimension_count", head_dim))
     if value_dim != head_dim:
         raise UnsupportedModelError(f"{gguf.path}: value heads of {value_dim} and key heads of {head_dim} "
                                     f"dimensions are not supported (they must be equal)")
     if rotary_dim != head_dim:
-        raise UnsupportedModelError(f"{gguf.path}: partial rotary embeddings ({arch}.rope.dimension_count = "
+        raise UnsupportedModelError(f"{gguf.path}: partial rotary embeddings ({prefix}.rope.dimension_count = "
                                     f"{rotary_dim} of head_dim {head_dim}) are not supported")
-    window, sliding_layers = _sliding_window(meta, arch, int(need("block_count")), gguf.path)
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    layers = int(need("block_count"))
+    window, sliding_layers = _sliding_window(meta, prefix, layers, _DEFAULT_SWA_EVERY.get(arch), gguf.path)
+    vocab = meta.get(f"{prefix}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     # End of turn and end of message (Llama 3.1's <|eom_id|>, after a tool call) end generation too,
     # as in llama.cpp and the models' own generation_config.json.
@@ -206,20 +235,46 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
         intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")),
         num_heads=heads,
-        num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        num_kv_heads=int(meta.get(f"{prefix}.attention.head_count_kv", heads)),
         head_dim=head_dim,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope=_rope_config(meta, arch, read_rope_freqs(gguf), gguf.path),
+        rope=_rope_config(meta, prefix, read_rope_freqs(gguf), gguf.path),
         max_position_embeddings=int(need("context_length")),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in gguf.tensors,
-        qk_norm=arch == "qwen3",
+        qk_norm=arch in ("qwen3", "gemma3_text", "qwen3_moe"),
         o_bias="blk.0.attn_output.bias" in gguf.tensors,
         eos_token_ids=eos_ids,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         sliding_window=window,
         sliding_layers=sliding_layers,
+        hidden_act="gelu_pytorch_tanh" if arch in _GEMMA else "silu",
+        attention_scale=_gemma_attention_scale(arch, layers, hidden, heads, head_dim),
+        attn_logit_softcap=meta.get(f"{prefix}.attn_logit_softcapping") or None,
+        final_logit_softcap=meta.get(f"{prefix}.final_logit_softcapping") or None,
+        local_rope=(RopeConfig(theta=float(meta.get(f"{prefix}.rope.freq_base_swa", 10000.0)))
+                    if arch == "gemma3_text" else None),
+        **_gguf_moe(meta, prefix, arch, layers, gguf.path, gguf.tensors),
     )
+
+
+def _gguf_moe(meta: dict, prefix: str, arch: str, layers: int, path: str, tensors) -> dict:
+    """`expert_count` experts on every layer (as llama.cpp builds both architectures), `expert_used_count`
+    per token, each `expert_feed_forward_length` wide (Qwen3-MoE; Mixtral's are `feed_forward_length`).
+    llama.cpp renormalises the top-k weights of both (its converter does not store Qwen3-MoE's
+    norm_topk_prob, and Mixtral always does)."""
+    experts = int(meta.get(f"{prefix}.expert_count", 0))
+    if arch not in ("mixtral", "qwen3_moe") or not experts:
+        return {}
+    if f"{prefix}.expert_used_count" not in meta:
+        raise GGUFError(f"{path}: metadata key {prefix + '.expert_used_count'!r} is missing")
+    routers = [f"blk.{i}.ffn_gate_inp.weight" for i in range(layers)]
+    if any(r not in tensors for r in routers):
+        raise GGUFError(f"{path}: {prefix}.expert_count = {experts} but tensor "
+                        f"{next(r for r in routers if r not in tensors)} (a layer's router) is missing")
+    width = meta.get(f"{prefix}.expert_feed_forward_length") or meta[f"{prefix}.feed_forward_length"]
+    return dict(num_experts=experts, num_experts_per_tok=int(meta[f"{prefix}.expert_used_count"]),
+                moe_intermediate_size=int(width), norm_topk_prob=True, moe_layers=(True,) * layers)
 
 
 def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -271,6 +326,8 @@ def gguf_to_hf_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path:
         hf = _hf_name(name, cfg.architecture)
         if hf is None:
             continue
+        if cfg.architecture in _GEMMA and hf.endswith("norm.weight"):
+            t = t - 1  # llama.cpp's converter stores Gemma's norm weights as 1 + w
         if permuted and ".self_attn.q_proj." in hf:
             t = unpermute_rows(t, cfg.num_heads)
         elif permuted and ".self_attn.k_proj." in hf:

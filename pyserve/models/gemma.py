@@ -95,20 +95,6 @@ class GemmaModel(LlamaModel):
         positions = max_positions or cfg.max_position_embeddings
         local = (RotaryEmbedding(cfg.head_dim, positions, cfg.local_rope, device, dtype)
                  if cfg.local_rope is not None else self.rotary)
-        self.rotaries = {False: self.rotary, True: local}  # by "is this a sliding-window layer"
+        self.layer_rotary = {False: self.rotary, True: local}  # by "is this a sliding-window layer"
         # transformers multiplies by the scale cast to the weights' dtype.
         self.embed_scale = torch.tensor(math.sqrt(cfg.hidden_size), dtype=dtype).item()
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                logits_indices: torch.Tensor) -> torch.Tensor:
-        """As LlamaModel.forward: [num_outputs, vocab] fp32 logits."""
-        h = self.embed_tokens(input_ids) * self.embed_scale
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            h, residual = layer(h, residual, positions, self.rotaries, kv_cache, meta)
-        h = self.norm((h + residual)[logits_indices])
-        logits = self.lm_head(h).float()
-        cap = self.cfg.final_logit_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -57,7 +57,10 @@ def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
     buffers = _pad_buffers.__dict__
     buf = buffers.get(key)
     if buf is None:
-        buf = buffers[key] = torch.zeros(CHUNK_ROWS, x.shape[1], dtype=x.dtype)
+        # A normal tensor, even when first needed under inference_mode: an inference tensor could
+        # not be written by a later call made outside it.
+        with torch.inference_mode(False):
+            buf = buffers[key] = torch.zeros(CHUNK_ROWS, x.shape[1], dtype=x.dtype)
     buf[: x.shape[0]].copy_(x)
     return buf[:rows]
 

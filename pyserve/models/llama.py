@@ -35,8 +35,9 @@ class LlamaDecoderLayer:
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **like) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **like) if cfg.qk_norm else None
         self.o_proj = LinearLayer(self.q_size, cfg.hidden_size, bias=cfg.o_bias, **like)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5,
-                                   sliding_window=cfg.layer_window(index))
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cfg.attention_scale or cfg.head_dim ** -0.5, sliding_window=cfg.layer_window(index),
+                                   logits_soft_cap=cfg.attn_logit_softcap)
         self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias,
                                         output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
                                         **like)
@@ -102,6 +103,8 @@ class LlamaModel(CausalLM):
                                     "tied to model.embed_tokens.weight (tie_word_embeddings)"}
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope,
                                       device, dtype)
+        self.layer_rotary: object = self.rotary  # what each layer's __call__ gets (Gemma: one per layer kind)
+        self.embed_scale: float | None = None  # Gemma: sqrt(hidden)
 
     def named_modules(self) -> dict[str, object]:
         modules: dict[str, object] = {"model.embed_tokens": self.embed_tokens}
@@ -116,9 +119,13 @@ class LlamaModel(CausalLM):
         """input_ids, positions: [num_tokens]; logits_indices: [num_outputs]
         rows whose next-token logits are wanted. Returns [num_outputs, vocab] fp32."""
         h = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h, residual = layer(h, residual, positions, self.rotary, kv_cache, meta)
+            h, residual = layer(h, residual, positions, self.layer_rotary, kv_cache, meta)
         # Only the rows that need logits pay for the final norm and the vocab matmul.
         h = self.norm((h + residual)[logits_indices])
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -24,8 +24,9 @@ class Olmo2DecoderLayer:
         self.q_norm = RMSNorm(self.q_size, cfg.rms_norm_eps, **like)
         self.k_norm = RMSNorm(self.kv_size, cfg.rms_norm_eps, **like)
         self.o_proj = LinearLayer(self.q_size, cfg.hidden_size, bias=cfg.o_bias, **like)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim ** -0.5,
-                                   sliding_window=cfg.layer_window(index))
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                   cfg.attention_scale or cfg.head_dim ** -0.5, sliding_window=cfg.layer_window(index),
+                                   logits_soft_cap=cfg.attn_logit_softcap)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **like)
         self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size,
                                         output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},

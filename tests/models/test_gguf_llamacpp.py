@@ -23,7 +23,7 @@ from tests.models.paged_runner import PagedRunner
 # The converter wants a real tokenizer whose pre-tokenizer it knows, and transformers gives a Qwen2
 # folder Qwen2's pre-tokenizer whatever its files say: the Llama models take the default model's
 # vocabulary, the Qwen2 ones llama.cpp's Qwen2 vocabulary file.
-VOCABS = {"llama": ("default", 49152), "qwen2": ("ggml-vocab-qwen2.gguf", 151936)}
+VOCABS = {"llama": ("default", 49152), "qwen2": ("ggml-vocab-qwen2.gguf", 151936), "gemma": ("sentencepiece", 512)}
 COMMON = dict(hidden_size=128, intermediate_size=192, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
               initializer_range=0.2, rms_norm_eps=1e-5)
@@ -33,6 +33,7 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 LINEAR = {"rope_type": "linear", "factor": 2.0}
 
 LLAMA = dict(COMMON, vocab_size=VOCABS["llama"][1])
+GEMMA = {k: v for k, v in COMMON.items() if k != "num_hidden_layers"} | dict(vocab_size=VOCABS["gemma"][1], head_dim=64, query_pre_attn_scalar=64)
 QWEN2 = dict(COMMON, vocab_size=VOCABS["qwen2"][1])
 CASES = {
     "llama": lambda: transformers.LlamaConfig(**LLAMA, tie_word_embeddings=False),
@@ -47,6 +48,21 @@ CASES = {
     "qwen3": lambda: transformers.Qwen3Config(**QWEN2, head_dim=96, tie_word_embeddings=True),
     # Norms after attention and MLP, and over the whole q and k projections.
     "olmo2": lambda: transformers.Olmo2Config(**LLAMA, tie_word_embeddings=False),
+    # Gemma's converter reads a SentencePiece tokenizer.model (a tiny one is trained below) and does
+    # not write query_pre_attn_scalar or which layers are windowed: llama.cpp (and we) take head_dim
+    # and Gemma's fixed patterns, so the configs here keep those defaults.
+    "gemma2": lambda: transformers.Gemma2Config(**GEMMA, num_hidden_layers=4, sliding_window=12,
+                                                attn_logit_softcapping=20.0, final_logit_softcapping=10.0),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**GEMMA, num_hidden_layers=6, sliding_window=12, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}),
+    # Mixtures of experts, 8 experts and top 2 (initializer_range 0.1, as tests/models/test_moe.py says
+    # why). The converter stores no norm_topk_prob and llama.cpp always renormalises Qwen3-MoE's top-k
+    # weights, so this model does too; Mixtral is written as "llama" with llama.expert_count.
+    "qwen3moe": lambda: transformers.Qwen3MoeConfig(**QWEN2 | dict(initializer_range=0.1), moe_intermediate_size=64,
+                                                    num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
+    "mixtral": lambda: transformers.MixtralConfig(**LLAMA | dict(initializer_range=0.1), num_local_experts=8,
+                                                  num_experts_per_tok=2),
     # Not Mistral with a sliding window: the converter writes it as "llama" without the window (no
     # key says it), so neither llama.cpp nor anyone reading the file can apply it.
 }
@@ -60,6 +76,8 @@ def tokenizer_files(tmp_path_factory):
     made = {}
 
     def get(family: str):
+        if family not in made and VOCABS[family][0] == "sentencepiece":
+            made[family] = _train_sentencepiece(tmp_path_factory.mktemp(f"tokenizer-{family}"), VOCABS[family][1])
         if family not in made:
             source, size = VOCABS[family]
             path = default_gguf_path() if source == "default" else str(llama_cpp_dir() / "models" / source)
@@ -72,11 +90,28 @@ def tokenizer_files(tmp_path_factory):
     return get
 
 
+def _train_sentencepiece(folder, vocab_size: int):
+    """A tiny SentencePiece BPE model with Gemma's special ids (pad 0, eos 1, bos 2, unk 3)."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    syllables = ["ka", "to", "ri", "me", "su", "la", "ne", "po", "vi", "da", "ze", "qu", "th", "ing", "er"]
+    lines = [" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(12))
+             for _ in range(3000)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2)
+    return folder
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def converted(request, tmp_path_factory, tokenizer_files):
     llama_cpp_dir()  # download llama.cpp's sources once, outside the converter's own error handling
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CASES[request.param](), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(CASES[request.param](), dtype=torch.float32,
+                                                          experts_implementation="eager").eval()  # MoE: float64 too
     with torch.no_grad():  # random but non-zero biases and norm weights (they start as 0 and 1)
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -85,7 +120,8 @@ def converted(request, tmp_path_factory, tokenizer_files):
                 p.normal_(1, 0.2)
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
-    for f in tokenizer_files("qwen2" if request.param.startswith("qwen") else "llama").iterdir():
+    family = "qwen2" if request.param.startswith("qwen") else "gemma" if request.param.startswith("gemma") else "llama"
+    for f in tokenizer_files(family).iterdir():
         shutil.copy(f, folder / f.name)
     gguf = convert_hf_to_gguf(folder, folder / "model.gguf")
     return request.param, model, gguf
@@ -93,7 +129,7 @@ def converted(request, tmp_path_factory, tokenizer_files):
 
 def prompts():
     g = torch.Generator().manual_seed(42)
-    return [torch.randint(0, VOCABS["llama"][1], (n,), generator=g).tolist() for n in (4, 17, 200)]
+    return [torch.randint(0, VOCABS["gemma"][1], (n,), generator=g).tolist() for n in (4, 17, 200)]
 
 
 def test_last_position_logits_match_transformers(converted):
@@ -126,4 +162,4 @@ def test_every_tensor_is_read(converted):
         names = set(f.tensors)
     assert not names & set(IGNORED_TENSORS)
     assert (ROPE_FREQS in names) == (name == "llama3-rope")
-    assert ("output.weight" in names) == (not name.endswith(("tied", "yarn", "qwen3")))
+    assert ("output.weight" in names) == (not name.endswith(("tied", "yarn", "qwen3")) and "gemma" not in name)

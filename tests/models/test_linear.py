@@ -93,3 +93,24 @@ def test_serving_any_row_count_after_warm_up_builds_nothing_new():
             lin(x[:m])
         grew = _malloc_in_use_mb() - before
     assert grew < 8, f"the heap grew {grew:.1f} MB over 233 row counts"
+
+
+def test_padding_buffer_made_under_inference_mode_serves_calls_outside_it():
+    """The per-thread padding buffer is shared by every layer; the first call that pads may come from
+    a forward pass (inference_mode) and a later one from plain code."""
+    import threading
+
+    def body(errors):
+        try:
+            lin = Linear(torch.randn(24, 16))
+            with torch.inference_mode():
+                lin(torch.randn(37, 16))  # 37 rows: padded to the 40-row bucket
+            torch.testing.assert_close(lin(torch.randn(37, 16)).shape, torch.Size([37, 24]))
+        except Exception as e:  # noqa: BLE001 (reported below, from the main thread)
+            errors.append(e)
+
+    errors: list[Exception] = []
+    t = threading.Thread(target=body, args=(errors,))  # a fresh thread: a fresh padding buffer
+    t.start()
+    t.join()
+    assert not errors, errors
