@@ -22,12 +22,14 @@ from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
 from pyserve.models.layers.linear import LinearLayer
 from pyserve.models.layers.norm import RMSNorm
 from pyserve.models.layers.rotary import RotaryEmbedding
-from pyserve.models.llama import LlamaModel
+from pyserve.models.llama import LlamaDecoderLayer, LlamaModel
 
 GEMMA_NORM = 1.0  # weight_offset of every Gemma RMSNorm
 
 
-class GemmaDecoderLayer:
+class GemmaDecoderLayer(LlamaDecoderLayer):
+    """Builds its own layers (Gemma's norms and MLP); shares Llama's self_attention."""
+
     def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype, device: torch.device):
         self.cfg = cfg
         self.window = cfg.layer_window(index)
@@ -65,22 +67,13 @@ class GemmaDecoderLayer:
     def __call__(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                  rotary: dict[bool, RotaryEmbedding], kv_cache: tuple[torch.Tensor, torch.Tensor],
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
         if residual is None:  # first layer: the embeddings are the residual stream
             residual, x = h, self.input_layernorm(h)
         else:  # residual += h (the last MLP's output); x = norm(residual)
             self.input_layernorm.add_and_norm(h, residual)
             x = h
-        qkv = self.qkv_proj(x)
-        n = qkv.shape[0]
-        q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
-        if self.q_norm is not None:
-            self.q_norm.inplace(q)
-            self.k_norm.inplace(k)
-        rotary[self.window is not None](positions, q, k)
-        attn = self.post_attention_layernorm(self.o_proj(self.attn(q, k, v, kv_cache, meta).view(n, self.q_size)))
+        rope = rotary[self.window is not None]
+        attn = self.post_attention_layernorm(self.self_attention(x, positions, rope, kv_cache, meta))
         self.pre_feedforward_layernorm.add_and_norm(attn, residual)  # residual += attn; attn = norm(residual)
         mlp = self.down_proj(self.act_and_mul(self.gate_up_proj(attn)))
         return self.post_feedforward_layernorm(mlp), residual

@@ -55,12 +55,20 @@ class LlamaDecoderLayer:
     def __call__(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                  rotary: RotaryEmbedding, kv_cache: tuple[torch.Tensor, torch.Tensor],
                  meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
         if residual is None:  # first layer: the embeddings are the residual stream
             residual, x = h, self.input_layernorm(h)
         else:  # residual += h; x = norm(residual), in place
             self.input_layernorm.add_and_norm(h, residual)
             x = h
+        h = self.self_attention(x, positions, rotary, kv_cache, meta)
+        self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
+
+    def self_attention(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                       kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """x [tokens, hidden] (normalised) -> the attention block's output [tokens, hidden]: fused q/k/v,
+        the per-head q/k norms where the model has them, rotary, paged attention, o_proj."""
+        cfg = self.cfg
         qkv = self.qkv_proj(x)
         n = qkv.shape[0]
         q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
@@ -70,9 +78,7 @@ class LlamaDecoderLayer:
             self.q_norm.inplace(q)
             self.k_norm.inplace(k)
         rotary(positions, q, k)  # in place, inside qkv
-        h = self.o_proj(self.attn(q, k, v, kv_cache, meta).view(n, self.q_size))
-        self.post_attention_layernorm.add_and_norm(h, residual)
-        return self.mlp(h), residual
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta).view(n, self.q_size))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward block on the normalised hidden state (MoE layers replace it)."""

@@ -3,7 +3,6 @@ random HF models: loaded by pyserve, they must give transformers' logits and gre
 folder. Our GGUF writer shares our reading of the format; llama.cpp's converter does not, and it is
 what made every GGUF file our users have."""
 
-import copy
 import os
 import shutil
 
@@ -18,7 +17,7 @@ from pyserve.loader import read_gguf
 from pyserve.loader.gguf_model import IGNORED_TENSORS, ROPE_FREQS
 from pyserve.models import load_model
 from tests.llamacpp import convert_hf_to_gguf, llama_cpp_dir
-from tests.models.paged_runner import PagedRunner
+from tests.models.reference import assert_first_logits_match, assert_greedy_matches
 
 # The converter wants a real tokenizer whose pre-tokenizer it knows, and transformers gives a Qwen2
 # folder Qwen2's pre-tokenizer whatever its files say: the Llama models take the default model's
@@ -134,25 +133,12 @@ def prompts():
 
 def test_last_position_logits_match_transformers(converted):
     _, model, gguf = converted
-    ours = load_model(gguf, dtype="float32")
-    _, first_logits = PagedRunner(ours).generate(prompts(), max_new_tokens=1, chunk_size=64)
-    reference = copy.deepcopy(model).double()  # fp32 transformers is itself ~1e-4 off at 200 tokens
-    for p, logits in zip(prompts(), first_logits):
-        with torch.no_grad():
-            ref = reference(torch.tensor([p])).logits[0, -1]
-        torch.testing.assert_close(logits.double(), ref, atol=1e-4, rtol=1e-4)
+    assert_first_logits_match(model, load_model(gguf, dtype="float32"), prompts(), chunk_size=64)
 
 
 def test_greedy_tokens_match_transformers(converted):
     _, model, gguf = converted
-    ours = load_model(gguf, dtype="float32")
-    new, _ = PagedRunner(ours, block_size=8).generate(prompts(), max_new_tokens=24, chunk_size=64)
-    model.generation_config.eos_token_id = None  # our runner never stops at EOS
-    for p, got in zip(prompts(), new):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
-                                 pad_token_id=0)[0, len(p):].tolist()
-        assert got == ref
+    assert_greedy_matches(model, load_model(gguf, dtype="float32"), prompts(), 24, chunk_size=64)
 
 
 def test_every_tensor_is_read(converted):

@@ -1,7 +1,6 @@
 """Tiny random Llama / Qwen2 / Mistral models, saved as HF folders: our paged
 forward must give transformers' logits and greedy tokens."""
 
-import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,7 +11,7 @@ import torch
 from pyserve.config import ModelConfig, UnsupportedModelError
 from pyserve.loader.hf import ModelLoadError
 from pyserve.models import load_model
-from tests.models.paged_runner import PagedRunner
+from tests.models.reference import assert_first_logits_match, assert_greedy_matches
 
 import transformers  # noqa: E402  (the reference implementation)
 
@@ -91,29 +90,12 @@ def prompts(n=6, vocab=512):
 
 def test_last_position_logits_match(hf_model):
     model, folder = hf_model
-    ours = load_model(folder, dtype="float32")
-    _, first_logits = PagedRunner(ours).generate(prompts(), max_new_tokens=1)
-    # The reference runs in float64: transformers' own fp32 logits are up to ~8e-5 from it on these
-    # models, as far as ours are, so fp32 against fp32 would spend the tolerance twice.
-    reference = copy.deepcopy(model).double()
-    for p, logits in zip(prompts(), first_logits):
-        with torch.no_grad():
-            ref = reference(torch.tensor([p])).logits[0, -1]
-        torch.testing.assert_close(logits.double(), ref, atol=1e-4, rtol=1e-4)
+    assert_first_logits_match(model, load_model(folder, dtype="float32"), prompts())
 
 
 def test_greedy_tokens_match_generate(hf_model):
     model, folder = hf_model
-    ours = load_model(folder, dtype="float32")
-    new, _ = PagedRunner(ours, block_size=8).generate(prompts(), max_new_tokens=32, chunk_size=5)
-    # Our runner never stops at EOS; neither may the reference (min_new_tokens
-    # would instead mask EOS out and change the argmax).
-    model.generation_config.eos_token_id = None
-    for p, got in zip(prompts(), new):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
-                                 pad_token_id=0)[0, len(p):].tolist()
-        assert got == ref
+    assert_greedy_matches(model, load_model(folder, dtype="float32"), prompts(), 32, chunk_size=5)
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

@@ -17,6 +17,7 @@ from pyserve.models import load_model
 from pyserve.models.layers.moe import SparseMoE
 from pyserve.models.layers.weight import MissingWeightError
 from tests.models.paged_runner import PagedRunner
+from tests.models.reference import assert_first_logits_match, assert_greedy_matches
 from tests.models.test_llama_hf import prompts
 
 # initializer_range 0.1: at 0.2 (test_llama_hf's) the random experts' outputs reach ~65, and the fp32
@@ -72,25 +73,12 @@ def test_config_fields(hf_model):
 
 def test_last_position_logits_match(hf_model):
     _, model, folder = hf_model
-    ours = load_model(folder, dtype="float32")
-    _, first_logits = PagedRunner(ours).generate(prompts(), max_new_tokens=1)
-    reference = copy.deepcopy(model).double()  # transformers' fp32 is itself ~1e-4 off
-    for p, logits in zip(prompts(), first_logits):
-        with torch.no_grad():
-            ref = reference(torch.tensor([p])).logits[0, -1]
-        torch.testing.assert_close(logits.double(), ref, atol=1e-4, rtol=1e-4)
+    assert_first_logits_match(model, load_model(folder, dtype="float32"), prompts())
 
 
 def test_greedy_tokens_match_generate(hf_model):
     _, model, folder = hf_model
-    ours = load_model(folder, dtype="float32")
-    new, _ = PagedRunner(ours, block_size=8).generate(prompts(), max_new_tokens=32, chunk_size=5)
-    model.generation_config.eos_token_id = None  # our runner never stops at EOS
-    for p, got in zip(prompts(), new):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
-                                 pad_token_id=0)[0, len(p):].tolist()
-        assert got == ref
+    assert_greedy_matches(model, load_model(folder, dtype="float32"), prompts(), 32, chunk_size=5)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 37])
