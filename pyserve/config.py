@@ -14,7 +14,7 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh")
 __all__ = ["EngineConfig", "ModelConfig", "RopeConfig", "UnsupportedModelError"]
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class RopeConfig:
     theta: float = 10000.0
     # One of ROPE_TYPES: "linear" divides every frequency by `factor`; "llama3" (Llama 3.1) divides
     # the low frequencies by it and interpolates a middle band; "yarn" interpolates between the two
-    # by dimension and scales cos/sin by `attention_factor`.
+    # by dimension and scales cos/sin by `attention_factor`; "longrope" (Phi-3) divides each frequency
+    # by its entry of `short_factor` or `long_factor` and scales cos/sin by `attention_factor`.
     type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
@@ -37,6 +38,9 @@ class RopeConfig:
     # Divisors of each inverse frequency, as llama.cpp applies its `rope_freqs.weight` tensor: its
     # converter stores Llama 3's scaling there and nowhere in the metadata. Applied after `type`.
     freq_factors: tuple[float, ...] | None = None
+    # longrope: per-frequency divisors for contexts up to original_max_position_embeddings and beyond.
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> "RopeConfig":
@@ -44,6 +48,9 @@ class RopeConfig:
         params = {**dict(cfg.get("rope_scaling") or {}), **dict(cfg.get("rope_parameters") or {})}
         theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        # Phi-3's config class renames its older "su" (and "yarn") scaling to longrope; "su" is longrope anywhere.
+        if rope_type == "su" or (rope_type == "yarn" and cfg.get("model_type") == "phi3"):
+            rope_type = "longrope"
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
                 f"unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
@@ -57,7 +64,15 @@ class RopeConfig:
 
         factor = params.get("factor")
         original = params.get("original_max_position_embeddings")
-        if rope_type == "yarn" and factor is None and original:  # DeepSeek-V3: the ratio of the two lengths
+        longrope = {}
+        if rope_type == "longrope":  # Phi-3 keeps the original length beside rope_scaling
+            original = original or cfg.get("original_max_position_embeddings")
+            if not original or "short_factor" not in params or "long_factor" not in params:
+                raise UnsupportedModelError("longrope scaling needs short_factor, long_factor and "
+                                            "original_max_position_embeddings")
+            longrope = dict(short_factor=tuple(float(x) for x in params["short_factor"]),
+                            long_factor=tuple(float(x) for x in params["long_factor"]))
+        if rope_type in ("yarn", "longrope") and factor is None and original:  # the ratio of the two lengths
             factor = cfg["max_position_embeddings"] / original
         return RopeConfig(
             theta=theta,
@@ -72,6 +87,7 @@ class RopeConfig:
             mscale=opt("mscale"),
             mscale_all_dim=opt("mscale_all_dim"),
             truncate=bool(params.get("truncate", True)),
+            **longrope,
         )
 
 
@@ -183,7 +199,7 @@ def _hf_sliding_window(cfg: dict[str, Any], arch: str, layers: int) -> tuple[int
     window = cfg.get("sliding_window")
     types = cfg.get("layer_types")
     if types is None:
-        if arch in ("mistral", "mixtral") or (arch == "qwen3_moe" and cfg.get("use_sliding_window")):
+        if arch in ("mistral", "mixtral", "phi3") or (arch == "qwen3_moe" and cfg.get("use_sliding_window")):
             types = ["sliding_attention"] * layers
         elif arch == "gemma2":  # every other layer, from the first
             types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]

@@ -36,6 +36,7 @@ ARCHITECTURES = (
     Architecture("mixtral", ("MixtralForCausalLM",), None, gguf_permuted_qk=True,
                  model="pyserve.models.moe:MixtralModel"),
     Architecture("qwen3_moe", ("Qwen3MoeForCausalLM",), "qwen3moe", model="pyserve.models.moe:Qwen3MoeModel"),
+    Architecture("phi3", ("Phi3ForCausalLM",), "phi3", model="pyserve.models.phi3:Phi3Model"),
 )
 _BY_NAME = {a.name: a for a in ARCHITECTURES}
 _BY_GGUF = {a.gguf_name: a for a in ARCHITECTURES if a.gguf_name}

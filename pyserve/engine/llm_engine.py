@@ -97,7 +97,9 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         phase = phase or (lambda name: nullcontext())
         with phase("weights"):
-            self.model = load_model(model, device=config.device, dtype=config.dtype)
+            # Rotary tables (and Phi-3's choice of long or short rope factors) for the context we serve.
+            self.model = load_model(model, device=config.device, dtype=config.dtype,
+                                    max_positions=config.max_model_len)
         cfg = self.model.cfg
         with phase("tokenizer"):
             self.tokenizer = load_tokenizer_for(model, cfg.eos_token_ids)

@@ -50,6 +50,8 @@ _ARCH_LAYER_NAMES = {
     **{gemma: {"post_attention_norm.weight": "post_attention_layernorm.weight",
                "ffn_norm.weight": "pre_feedforward_layernorm.weight",
                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"} for gemma in ("gemma2", "gemma3_text")},
+    # Phi-3's fused projections: q/k/v in one tensor, and gate/up in ffn_up (twice the MLP width).
+    "phi3": {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"},
     # Experts: the router, and each projection stacked over the experts ([E, I, H] gate/up, [E, H, I]
     # down), named for the MoE layer's stacked slots (models/layers/moe.py).
     **{arch: {"ffn_gate_inp.weight": f"{moe}.gate.weight", "ffn_gate_exps.weight": f"{moe}.experts.gate_proj",
@@ -63,7 +65,9 @@ _GLOBAL_NAMES = {
 }
 # Tensors that become part of the ModelConfig rather than a weight.
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Llama 3's scaling lives only here)
-_CONFIG_TENSORS = {ROPE_FREQS}
+# Phi-3's longrope divisors, for contexts beyond the original one and within it.
+ROPE_LONG, ROPE_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
+_CONFIG_TENSORS = {ROPE_FREQS, ROPE_LONG, ROPE_SHORT}
 # Tensors llama.cpp's files may hold that we deliberately leave unread, and why. Every other tensor
 # is mapped above or refused by name: a tensor we drop is a computation we silently skip.
 IGNORED_TENSORS: dict[str, str] = {}
@@ -76,14 +80,13 @@ _READ_KEYS = frozenset({
     "attention.key_length", "attention.value_length", "rope.dimension_count", "rope.freq_base",
     "rope.scale_linear", "rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
     "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
-    "rope.scaling.yarn_ext_factor", "attention.sliding_window", "attention.sliding_window_pattern",
+    "rope.scaling.yarn_ext_factor", "rope.scaling.attn_factor", "attention.sliding_window", "attention.sliding_window_pattern",
     "attn_logit_softcapping", "final_logit_softcapping", "rope.freq_base_swa",
     "expert_count", "expert_used_count", "expert_feed_forward_length",
 })
 # Features we do not implement, accepted only at the value that switches them off.
 _OFF_VALUES = {
     "attention.causal": True,
-    "rope.scaling.attn_factor": 1.0,
     "rope.scaling.yarn_log_multiplier": 0.0,  # DeepSeek's mscale_all_dim
     "logit_scale": 1.0, "embedding_scale": 1.0, "residual_scale": 1.0,
 }
@@ -126,13 +129,27 @@ def _check_metadata(meta: dict, arch: str, path: str) -> None:
         raise UnsupportedModelError(f"{path}: GGUF metadata key {key!r} is not understood by pyserve")
 
 
-def _rope_config(meta: dict, arch: str, rope_freqs: torch.Tensor | None, path: str) -> RopeConfig:
-    """llama.cpp's rope metadata (and rope_freqs tensor) as a RopeConfig, with transformers' meaning."""
+def _rope_config(meta: dict, arch: str, gguf: GGUFFile) -> RopeConfig:
+    """llama.cpp's rope metadata (and rope factor tensors) as a RopeConfig, with transformers' meaning."""
     def get(key: str, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    path = gguf.path
     theta = float(get("rope.freq_base", 10000.0))
-    factors = tuple(float(x) for x in rope_freqs.flatten().tolist()) if rope_freqs is not None else None
+    rope_freqs, long, short = (_read_vector(gguf, name) for name in (ROPE_FREQS, ROPE_LONG, ROPE_SHORT))
+    factors = rope_freqs
+    attn = get("rope.scaling.attn_factor")
+    if long is not None or short is not None:  # Phi-3's longrope; the type is not written
+        if long is None or short is None or get("rope.scaling.original_context_length") is None:
+            raise GGUFError(f"{path}: longrope scaling needs {ROPE_LONG}, {ROPE_SHORT} and "
+                            f"{arch}.rope.scaling.original_context_length")
+        original = int(get("rope.scaling.original_context_length"))
+        return RopeConfig(theta=theta, type="longrope", factor=int(get("context_length")) / original,
+                          original_max_position_embeddings=original, short_factor=short, long_factor=long,
+                          attention_factor=None if attn is None else float(attn), freq_factors=factors)
+    if attn is not None and float(attn) != 1.0:
+        raise UnsupportedModelError(f"{path}: GGUF metadata {arch}.rope.scaling.attn_factor = {attn!r} is not "
+                                    f"supported without longrope factors (only 1.0)")
     # llama.cpp reads an absent type as linear; factor 1 (or 0, "unset") is no scaling.
     kind = get("rope.scaling.type") or "linear"
     factor = get("rope.scaling.factor")
@@ -238,7 +255,7 @@ def gguf_model_config(gguf: GGUFFile) -> ModelConfig:
         num_kv_heads=int(meta.get(f"{prefix}.attention.head_count_kv", heads)),
         head_dim=head_dim,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope=_rope_config(meta, prefix, read_rope_freqs(gguf), gguf.path),
+        rope=_rope_config(meta, prefix, gguf),
         max_position_embeddings=int(need("context_length")),
         tie_word_embeddings="output.weight" not in gguf.tensors,
         qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in gguf.tensors,
@@ -311,11 +328,12 @@ def check_tensor_names(gguf: GGUFFile, architecture: str) -> None:
                                     f"pyserve's {architecture} model; refusing to load a model it would change")
 
 
-def read_rope_freqs(gguf: GGUFFile) -> torch.Tensor | None:
-    if ROPE_FREQS not in gguf.tensors:
+def _read_vector(gguf: GGUFFile, name: str) -> tuple[float, ...] | None:
+    """A small config tensor (rope factors) as floats; None when the file lacks it."""
+    if name not in gguf.tensors:
         return None
-    info = gguf.tensors[ROPE_FREQS]
-    return torch.from_numpy(np.array(dequantize(gguf.raw(ROPE_FREQS), info.ggml_type, ROPE_FREQS))).reshape(-1)
+    info = gguf.tensors[name]
+    return tuple(float(x) for x in np.asarray(dequantize(gguf.raw(name), info.ggml_type, name)).reshape(-1))
 
 
 def gguf_to_hf_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path: str) -> dict[str, torch.Tensor]:

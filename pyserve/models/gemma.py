@@ -85,8 +85,7 @@ class GemmaModel(LlamaModel):
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int | None = None):
         super().__init__(cfg, device, dtype, max_positions)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device, weight_offset=GEMMA_NORM)
-        positions = max_positions or cfg.max_position_embeddings
-        local = (RotaryEmbedding(cfg.head_dim, positions, cfg.local_rope, device, dtype)
+        local = (RotaryEmbedding(cfg.head_dim, self.max_positions, cfg.local_rope, device, dtype)
                  if cfg.local_rope is not None else self.rotary)
         self.layer_rotary = {False: self.rotary, True: local}  # by "is this a sliding-window layer"
         # transformers multiplies by the scale cast to the weights' dtype.

@@ -1,10 +1,10 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) on pyserve's kernels.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2; Phi-3 in phi3.py) on pyserve's kernels.
 
 One forward runs a flat batch of tokens from many sequences — prefill chunks
 and single-token decodes mixed — against the paged KV cache. q/k/v and gate/up
-are fused into one layer each (`packed_modules`), so each decoder layer runs two
-big matmuls instead of five. Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over each
-head of q and k before rotary.
+are fused into one layer each (`packed_modules`; Phi-3's checkpoints store them
+fused already), so each decoder layer runs two big matmuls instead of five. Qwen2
+adds q/k/v biases, Qwen3 an RMSNorm over each head of q and k before rotary.
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ class LlamaModel(CausalLM):
         if tied is not None:  # some tied checkpoints also save the (identical) head
             self.ignored_weights = {**self.ignored_weights, re.compile(r"lm_head\.weight"):
                                     "tied to model.embed_tokens.weight (tie_word_embeddings)"}
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings, cfg.rope,
-                                      device, dtype)
+        # The served context (the engine's max_model_len), never past the model's own.
+        self.max_positions = min(max_positions or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.rotary = RotaryEmbedding(cfg.head_dim, self.max_positions, cfg.rope, device, dtype)
         self.layer_rotary: object = self.rotary  # what each layer's __call__ gets (Gemma: one per layer kind)
         self.embed_scale: float | None = None  # Gemma: sqrt(hidden)
 

@@ -41,13 +41,23 @@ def _target(name: str, packed: dict[str, tuple[str, str]]) -> tuple[str, str | N
     return name, None
 
 
-def _source(name: str, shard: str, sources: dict[tuple[str, str], str]) -> str:
-    """The checkpoint name that fills shard `shard` of fused weight `name`."""
+def _source(name: str, shard: str, sources: dict[tuple[str, str], str]) -> str | None:
+    """The checkpoint name that fills shard `shard` of fused weight `name` (None: the model packs none)."""
     parts = name.split(".")
     for i, part in enumerate(parts):
         if (part, shard) in sources:
             return ".".join(parts[:i] + [sources[(part, shard)]] + parts[i + 1:])
-    return f"{name} (shard {shard})"
+    return None
+
+
+def _missing_names(name: str, slot: Weight, sources: dict[tuple[str, str], str]) -> list[str]:
+    """What the checkpoint lacks for one slot, as the checkpoint would name it: the separate tensors
+    the model packs into it, or the weight itself where the checkpoint stores it fused (Phi-3)."""
+    missing = slot.missing()
+    named = [None if shard is None else _source(name, shard, sources) for shard in missing]
+    if None in named and not slot.loaded:
+        return [name] if missing else []
+    return [n or f"{name} (shard {shard})" for n, shard in zip(named, missing)]
 
 
 def _listed(names: list[str]) -> str:
@@ -71,8 +81,7 @@ def load_weights(model: Loadable, weights: dict[str, torch.Tensor]) -> None:
         raise UnexpectedWeightError(f"weight {_listed(leftover)} is not used by this architecture; "
                                     f"refusing to load a model it would change")
     sources = {v: k for k, v in model.packed_modules.items()}  # (fused, shard) -> checkpoint module
-    missing = [name if shard is None else _source(name, shard, sources)
-               for name, slot in slots.items() for shard in slot.missing()]
+    missing = [m for name, slot in slots.items() for m in _missing_names(name, slot, sources)]
     if missing:
         raise MissingWeightError(f"weight {_listed(missing)} is missing")
     model.finish_loading()

@@ -3,6 +3,7 @@ random HF models: loaded by pyserve, they must give transformers' logits and gre
 folder. Our GGUF writer shares our reading of the format; llama.cpp's converter does not, and it is
 what made every GGUF file our users have."""
 
+import math
 import os
 import shutil
 
@@ -14,7 +15,7 @@ import torch
 
 import transformers  # noqa: E402  (the reference implementation)
 from pyserve.loader import read_gguf
-from pyserve.loader.gguf_model import IGNORED_TENSORS, ROPE_FREQS
+from pyserve.loader.gguf_model import IGNORED_TENSORS, ROPE_FREQS, ROPE_LONG, ROPE_SHORT
 from pyserve.models import load_model
 from tests.llamacpp import convert_hf_to_gguf, llama_cpp_dir
 from tests.models.reference import assert_first_logits_match, assert_greedy_matches
@@ -62,6 +63,15 @@ CASES = {
                                                     num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
     "mixtral": lambda: transformers.MixtralConfig(**LLAMA | dict(initializer_range=0.1), num_local_experts=8,
                                                   num_experts_per_tok=2),
+    # Fused qkv_proj / gate_up_proj, a window on every layer (which llama.cpp itself leaves off; the
+    # converter writes it, transformers applies it, and so do we), and longrope, which the converter
+    # stores as two factor tensors and an attention factor. Served at the full 1024 tokens, past the
+    # original 128: the long factors, which transformers uses for prompts past 128 (PROMPT_LENGTHS).
+    "phi3-longrope": lambda: transformers.Phi3Config(
+        **LLAMA | dict(vocab_size=VOCABS["gemma"][1], bos_token_id=2, eos_token_id=1, pad_token_id=0),
+        sliding_window=48, original_max_position_embeddings=128, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(16)],
+            "long_factor": [1.5 + 0.4 * i for i in range(16)]}),
     # Not Mistral with a sliding window: the converter writes it as "llama" without the window (no
     # key says it), so neither llama.cpp nor anyone reading the file can apply it.
 }
@@ -119,33 +129,48 @@ def converted(request, tmp_path_factory, tokenizer_files):
                 p.normal_(1, 0.2)
     folder = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(folder)
-    family = "qwen2" if request.param.startswith("qwen") else "gemma" if request.param.startswith("gemma") else "llama"
+    family = ("qwen2" if request.param.startswith("qwen") else
+              "gemma" if request.param.startswith(("gemma", "phi3")) else "llama")
     for f in tokenizer_files(family).iterdir():
         shutil.copy(f, folder / f.name)
     gguf = convert_hf_to_gguf(folder, folder / "model.gguf")
     return request.param, model, gguf
 
 
-def prompts():
+PROMPT_LENGTHS = {"phi3-longrope": (129, 200)}
+
+
+def prompts(case: str):
     g = torch.Generator().manual_seed(42)
-    return [torch.randint(0, VOCABS["gemma"][1], (n,), generator=g).tolist() for n in (4, 17, 200)]
+    return [torch.randint(0, VOCABS["gemma"][1], (n,), generator=g).tolist()
+            for n in PROMPT_LENGTHS.get(case, (4, 17, 200))]
 
 
 def test_last_position_logits_match_transformers(converted):
-    _, model, gguf = converted
-    assert_first_logits_match(model, load_model(gguf, dtype="float32"), prompts(), chunk_size=64)
+    name, model, gguf = converted
+    assert_first_logits_match(model, load_model(gguf, dtype="float32"), prompts(name), chunk_size=64)
 
 
 def test_greedy_tokens_match_transformers(converted):
-    _, model, gguf = converted
-    assert_greedy_matches(model, load_model(gguf, dtype="float32"), prompts(), 24, chunk_size=64)
+    name, model, gguf = converted
+    assert_greedy_matches(model, load_model(gguf, dtype="float32"), prompts(name), 24, chunk_size=64)
 
 
 def test_every_tensor_is_read(converted):
     """What the converter wrote is either a weight we load or the rope factors; nothing is dropped."""
-    name, _, gguf = converted
+    name, model, gguf = converted
     with read_gguf(gguf) as f:
         names = set(f.tensors)
     assert not names & set(IGNORED_TENSORS)
     assert (ROPE_FREQS in names) == (name == "llama3-rope")
+    assert ({ROPE_LONG, ROPE_SHORT} <= names) == (name == "phi3-longrope")
     assert ("output.weight" in names) == (not name.endswith(("tied", "yarn", "qwen3")) and "gemma" not in name)
+    if name == "phi3-longrope":  # the long factors drive the outputs above; the short ones must be read too
+        from pyserve.config import ModelConfig
+
+        cfg, want = load_model(gguf, dtype="float32").cfg, ModelConfig.from_hf(model.config.to_dict())
+        assert (cfg.rope.type, cfg.rope.factor, cfg.rope.original_max_position_embeddings) == ("longrope", 8.0, 128)
+        assert cfg.rope.short_factor == pytest.approx(want.rope.short_factor)
+        assert cfg.rope.long_factor == pytest.approx(want.rope.long_factor)
+        assert cfg.rope.attention_factor == pytest.approx(math.sqrt(1 + math.log(8) / math.log(128)))
+        assert cfg.sliding_layers == want.sliding_layers == (True,) * 3

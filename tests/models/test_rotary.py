@@ -46,7 +46,8 @@ def test_llama_cpp_frequency_factors_divide():
 
 
 @pytest.mark.parametrize("scaling, match", [
-    ({"rope_type": "longrope", "factor": 4.0, "short_factor": [1.0], "long_factor": [1.0]}, "'longrope'"),
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+     "longrope scaling needs short_factor, long_factor and original_max_position_embeddings"),
     ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic'"),
     ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "extrapolation_factor": 0.5},
      "extrapolation_factor"),
@@ -54,3 +55,17 @@ def test_llama_cpp_frequency_factors_divide():
 def test_unsupported_scalings_are_refused_by_name(scaling, match):
     with pytest.raises(UnsupportedModelError, match=match):
         RopeConfig.from_hf({"rope_theta": 10000.0, "rope_scaling": scaling, "max_position_embeddings": 128})
+
+
+@pytest.mark.parametrize("served", [4096, 8192])
+def test_longrope_matches_transformers_within_and_beyond_the_original_context(served):
+    """Phi-3's short factors while the served context fits the original one, the long ones past it,
+    and the attention factor of the max / original stretch either way."""
+    hf = transformers.Phi3Config(hidden_size=512, num_attention_heads=8, max_position_embeddings=131072,
+                                 original_max_position_embeddings=4096, rope_scaling={
+                                     "rope_type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(32)],
+                                     "long_factor": [1.0 + 0.5 * i for i in range(32)]})
+    want_freq, want_scale = ROPE_INIT_FUNCTIONS["longrope"](hf, "cpu", seq_len=served)
+    got_freq, got_scale = rotary_frequencies(64, RopeConfig.from_hf(hf.to_dict()), served)
+    torch.testing.assert_close(got_freq, want_freq.float(), rtol=1e-6, atol=0)
+    assert got_scale == pytest.approx(want_scale, rel=1e-7) and got_scale > 1.1

@@ -1,5 +1,6 @@
 """Rotary position embeddings (the HF "rotate_half" convention), with the rope scalings of
-RopeConfig: linear, Llama 3's frequency-dependent one, YaRN, and llama.cpp's per-frequency factors."""
+RopeConfig: linear, Llama 3's frequency-dependent one, YaRN, Phi-3's longrope, and llama.cpp's
+per-frequency factors."""
 
 from __future__ import annotations
 
@@ -43,8 +44,27 @@ def _yarn(inv_freq: torch.Tensor, head_dim: int, rope: RopeConfig) -> torch.Tens
     return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
 
 
-def rotary_frequencies(head_dim: int, rope: RopeConfig) -> tuple[torch.Tensor, float]:
-    """The inverse frequencies [head_dim / 2] (float32) and the scale of the cos/sin tables."""
+def _longrope(inv_freq: torch.Tensor, head_dim: int, rope: RopeConfig, max_positions: int) -> tuple[torch.Tensor, float]:
+    """Phi-3's per-frequency divisors: the long set when the served context exceeds the original one.
+
+    transformers picks the set per forward call from the longest position in it, so one sequence's
+    keys would be rotated differently depending on when and with whom it ran; like llama.cpp (and
+    vLLM), we pick once, from the context length we serve (max_positions), so every position of every
+    sequence is rotated the same way. Prompts and outputs shorter than the original context thus
+    match transformers only when the served context is too; longer ones always do."""
+    factors = rope.long_factor if max_positions > rope.original_max_position_embeddings else rope.short_factor
+    if len(factors) != head_dim // 2:
+        raise ValueError(f"{len(factors)} longrope factors for head_dim {head_dim} (want head_dim / 2 = {head_dim // 2})")
+    scale = rope.attention_factor
+    if scale is None:  # as transformers and llama.cpp's converter derive it
+        scale = 1.0 if rope.factor <= 1 else math.sqrt(
+            1 + math.log(rope.factor) / math.log(rope.original_max_position_embeddings))
+    return inv_freq / torch.tensor(factors, dtype=torch.float64), scale
+
+
+def rotary_frequencies(head_dim: int, rope: RopeConfig, max_positions: int = 0) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies [head_dim / 2] (float32) and the scale of the cos/sin tables, for a
+    served context of max_positions (only longrope depends on it)."""
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     scale = 1.0
     if rope.type == "linear":
@@ -63,6 +83,8 @@ def rotary_frequencies(head_dim: int, rope: RopeConfig) -> tuple[torch.Tensor, f
     elif rope.type == "yarn":
         inv_freq = _yarn(inv_freq, head_dim, rope)
         scale = _yarn_attention_factor(rope)
+    elif rope.type == "longrope":
+        inv_freq, scale = _longrope(inv_freq, head_dim, rope, max_positions)
     elif rope.type != "default":
         raise ValueError(f"unknown rope type {rope.type!r}")
     if rope.freq_factors is not None:
@@ -77,7 +99,7 @@ class RotaryEmbedding:
     """cos/sin tables for every position up to max_positions, built once."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig, device: torch.device, dtype: torch.dtype):
-        inv_freq, scale = rotary_frequencies(head_dim, rope)
+        inv_freq, scale = rotary_frequencies(head_dim, rope, max_positions)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [max_positions, head_dim / 2]
         self.cos = (freqs.cos() * scale).to(device=device, dtype=dtype)

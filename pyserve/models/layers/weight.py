@@ -32,7 +32,12 @@ class Weight:
         self.loaded: set[str | None] = set()
 
     def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
-        """Fill the whole weight or one shard from checkpoint tensor `name`."""
+        """Fill the whole weight or one shard from checkpoint tensor `name`. A checkpoint that fuses
+        what others store apart (Phi-3's qkv_proj, gate_up_proj) fills every shard at once."""
+        if shard is None and None not in self.shards:
+            if self.loaded:
+                raise MissingWeightError(f"weight {name!r} overlaps the separate tensors also in the checkpoint")
+            self.shards = {None: (0, self.shape[0])}
         if shard not in self.shards:
             raise MissingWeightError(f"weight {name!r}: no shard {shard!r} here (shards: {list(self.shards)})")
         start, rows = self.shards[shard]
