@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from tests.models.paged_runner import PagedRunner
+
+# The architecture tests run on the CPU, and on CUDA when a GPU is there (weights in fp32 on both).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs an NVIDIA GPU"))]
 
 
 def assert_first_logits_match(reference_model, ours, prompts: list[list[int]], **runner) -> None:

@@ -18,7 +18,7 @@ from pyserve.loader import read_gguf
 from pyserve.loader.gguf_model import IGNORED_TENSORS, ROPE_FREQS, ROPE_LONG, ROPE_SHORT
 from pyserve.models import load_model
 from tests.llamacpp import convert_hf_to_gguf, llama_cpp_dir
-from tests.models.reference import assert_first_logits_match, assert_greedy_matches
+from tests.models.reference import DEVICES, assert_first_logits_match, assert_greedy_matches
 
 # The converter wants a real tokenizer whose pre-tokenizer it knows, and transformers gives a Qwen2
 # folder Qwen2's pre-tokenizer whatever its files say: the Llama models take the default model's
@@ -146,14 +146,16 @@ def prompts(case: str):
             for n in PROMPT_LENGTHS.get(case, (4, 17, 200))]
 
 
-def test_last_position_logits_match_transformers(converted):
+@pytest.mark.parametrize("device", DEVICES)
+def test_last_position_logits_match_transformers(converted, device):
     name, model, gguf = converted
-    assert_first_logits_match(model, load_model(gguf, dtype="float32"), prompts(name), chunk_size=64)
+    assert_first_logits_match(model, load_model(gguf, device=device, dtype="float32"), prompts(name), chunk_size=64)
 
 
-def test_greedy_tokens_match_transformers(converted):
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_tokens_match_transformers(converted, device):
     name, model, gguf = converted
-    assert_greedy_matches(model, load_model(gguf, dtype="float32"), prompts(name), 24, chunk_size=64)
+    assert_greedy_matches(model, load_model(gguf, device=device, dtype="float32"), prompts(name), 24, chunk_size=64)
 
 
 def test_every_tensor_is_read(converted):

@@ -11,7 +11,7 @@ import torch
 from pyserve.config import ModelConfig, UnsupportedModelError
 from pyserve.loader.hf import ModelLoadError
 from pyserve.models import load_model
-from tests.models.reference import assert_first_logits_match, assert_greedy_matches
+from tests.models.reference import DEVICES, assert_first_logits_match, assert_greedy_matches
 
 import transformers  # noqa: E402  (the reference implementation)
 
@@ -88,14 +88,16 @@ def prompts(n=6, vocab=512):
     return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in lengths]
 
 
-def test_last_position_logits_match(hf_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_last_position_logits_match(hf_model, device):
     model, folder = hf_model
-    assert_first_logits_match(model, load_model(folder, dtype="float32"), prompts())
+    assert_first_logits_match(model, load_model(folder, device=device, dtype="float32"), prompts())
 
 
-def test_greedy_tokens_match_generate(hf_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_tokens_match_generate(hf_model, device):
     model, folder = hf_model
-    assert_greedy_matches(model, load_model(folder, dtype="float32"), prompts(), 32, chunk_size=5)
+    assert_greedy_matches(model, load_model(folder, device=device, dtype="float32"), prompts(), 32, chunk_size=5)
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

@@ -17,7 +17,7 @@ from pyserve.models import load_model
 from pyserve.models.layers.moe import SparseMoE
 from pyserve.models.layers.weight import MissingWeightError
 from tests.models.paged_runner import PagedRunner
-from tests.models.reference import assert_first_logits_match, assert_greedy_matches
+from tests.models.reference import DEVICES, assert_first_logits_match, assert_greedy_matches
 from tests.models.test_llama_hf import prompts
 
 # initializer_range 0.1: at 0.2 (test_llama_hf's) the random experts' outputs reach ~65, and the fp32
@@ -71,14 +71,16 @@ def test_config_fields(hf_model):
     assert cfg.sliding_layers == ((True, True) if name == "mixtral" else ())
 
 
-def test_last_position_logits_match(hf_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_last_position_logits_match(hf_model, device):
     _, model, folder = hf_model
-    assert_first_logits_match(model, load_model(folder, dtype="float32"), prompts())
+    assert_first_logits_match(model, load_model(folder, device=device, dtype="float32"), prompts())
 
 
-def test_greedy_tokens_match_generate(hf_model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_tokens_match_generate(hf_model, device):
     _, model, folder = hf_model
-    assert_greedy_matches(model, load_model(folder, dtype="float32"), prompts(), 32, chunk_size=5)
+    assert_greedy_matches(model, load_model(folder, device=device, dtype="float32"), prompts(), 32, chunk_size=5)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 37])

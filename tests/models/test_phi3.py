@@ -11,7 +11,7 @@ import torch
 import transformers  # the reference implementation
 
 from pyserve.models import load_model
-from tests.models.reference import assert_first_logits_match, assert_greedy_matches
+from tests.models.reference import DEVICES, assert_first_logits_match, assert_greedy_matches
 
 HALF_HEAD = 32  # head_dim 64
 ORIGINAL = 128  # the longrope models' original context
@@ -47,16 +47,19 @@ def phi3(request, tmp_path_factory):
     model.save_pretrained(folder)
     g = torch.Generator().manual_seed(42)
     prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
-    return model, load_model(folder, dtype="float32", max_positions=served), prompts
+    return model, folder, served, prompts
 
 
-def test_last_position_logits_match(phi3):
-    model, ours, prompts = phi3
-    assert_first_logits_match(model, ours, prompts)
+@pytest.mark.parametrize("device", DEVICES)
+def test_last_position_logits_match(phi3, device):
+    model, folder, served, prompts = phi3
+    assert_first_logits_match(model, load_model(folder, device=device, dtype="float32", max_positions=served), prompts)
 
 
-def test_greedy_tokens_match_generate(phi3):
-    model, ours, prompts = phi3
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_tokens_match_generate(phi3, device):
+    model, folder, served, prompts = phi3
+    ours = load_model(folder, device=device, dtype="float32", max_positions=served)
     assert_greedy_matches(model, ours, prompts, 24, chunk_size=7)
 
 
@@ -66,7 +69,7 @@ def test_the_checkpoint_keeps_qkv_and_gate_up_fused(phi3, tmp_path):
 
     from pyserve.models.layers.weight import MissingWeightError
 
-    model, _, _ = phi3
+    model = phi3[0]
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     assert "model.layers.0.self_attn.qkv_proj.weight" in weights and "model.layers.0.mlp.gate_up_proj.weight" in weights
