@@ -12,7 +12,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Ops that have no CUDA kernel on purpose, with the reason. Every other op the extension defines must
 # have both (the list of ops is read from the loaded extension, so a new op cannot be forgotten here).
-CPU_ONLY: dict[str, str] = {}
+_QUANT = "GGUF quantized weights run on the CPU only; on CUDA the loader dequantizes them at load (issue 16)"
+CPU_ONLY: dict[str, str] = {
+    "quant_pack": _QUANT,
+    "quant_linear": _QUANT,
+    "quant_linear_out": _QUANT,
+    "quant_dequant_rows": _QUANT,
+    "quantize_rows": _QUANT,
+}
 
 
 def main() -> int:

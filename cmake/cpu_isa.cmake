@@ -1,6 +1,6 @@
 # Pick the widest x86 vector ISA the build machine supports. The extension is
 # compiled where it runs (pip install from source), so the build host's ISA is
-# the right target. PYSERVE_CPU_ISA=avx2|avx512|scalar overrides.
+# the right target. PYSERVE_CPU_ISA=avx2|avx512|avx512_vnni|scalar overrides.
 function(pyserve_cpu_isa out_isa out_flags)
   set(_isa "$ENV{PYSERVE_CPU_ISA}")
   if(_isa STREQUAL "")
@@ -13,18 +13,24 @@ function(pyserve_cpu_isa out_isa out_flags)
       if(_isa STREQUAL "avx2" AND _cpuinfo MATCHES "[ \t]avx512f[ \t\n]" AND _cpuinfo MATCHES "[ \t]avx512bw[ \t\n]")
         set(_isa "avx512")
       endif()
+      # VNNI's vpdpbusd runs the int8 dot products of the quantized matmul (csrc/cpu/quant/).
+      if(_isa STREQUAL "avx512" AND _cpuinfo MATCHES "[ \t]avx512_vnni[ \t\n]")
+        set(_isa "avx512_vnni")
+      endif()
     endif()
   endif()
   if(_isa STREQUAL "avx512")
     # The kernels use 256-bit AVX2 code paths; AVX-512 only widens what the
     # compiler may auto-vectorize.
     set(_flags -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl)
+  elseif(_isa STREQUAL "avx512_vnni")
+    set(_flags -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512vnni)
   elseif(_isa STREQUAL "avx2")
     set(_flags -mavx2 -mfma -mf16c)
   elseif(_isa STREQUAL "scalar")
     set(_flags "")
   else()
-    message(FATAL_ERROR "pyserve: PYSERVE_CPU_ISA must be avx2, avx512 or scalar, got '${_isa}'")
+    message(FATAL_ERROR "pyserve: PYSERVE_CPU_ISA must be avx2, avx512, avx512_vnni or scalar, got '${_isa}'")
   endif()
   set(${out_isa} "${_isa}" PARENT_SCOPE)
   set(${out_flags} "${_flags}" PARENT_SCOPE)

@@ -29,4 +29,14 @@ TORCH_LIBRARY(pyserve, m) {
   m.def("silu_and_mul(Tensor input) -> Tensor");
   m.def("gelu_tanh_and_mul(Tensor input) -> Tensor");
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos, Tensor sin) -> ()");
+  // Quantized weights (csrc/quant_ops.h): CPU only.
+  m.def("quant_pack(Tensor blocks, int ggml_type, int in_features) -> Tensor");
+  m.def(
+      "quant_linear(Tensor x, Tensor packed, int ggml_type, int out_features, int in_features, "
+      "Tensor? bias=None) -> Tensor");
+  m.def(
+      "quant_linear_out(Tensor x, Tensor packed, int ggml_type, int out_features, int in_features, "
+      "Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("quant_dequant_rows(Tensor packed, Tensor ids, int ggml_type, int out_features, int in_features) -> Tensor");
+  m.def("quantize_rows(Tensor w, int ggml_type) -> Tensor");
 }

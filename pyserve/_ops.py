@@ -158,6 +158,69 @@ def rotary_embedding(
     _ops.rotary_embedding(positions, query, key, cos, sin)
 
 
+# Quantized weights (issue 16, CPU only): GGUF block formats the kernels run as they are.
+# ggml_type -> (weights per block, bytes per GGUF block, packed bytes per block of QUANT_TILE_ROWS rows);
+# must match csrc/cpu/quant/ (the fakes size quant_pack's result from it).
+QUANT_FORMATS: dict[int, tuple[int, int, int]] = {8: (32, 34, 272), 2: (32, 18, 144), 3: (32, 20, 160)}
+QUANT_TILE_ROWS = 8
+
+
+def quant_packed_bytes(ggml_type: int, out_features: int, in_features: int) -> int:
+    """Size of quant_pack's result for an out_features x in_features weight."""
+    block_elems, _, tile_block_bytes = QUANT_FORMATS[ggml_type]
+    return -(-out_features // QUANT_TILE_ROWS) * (in_features // block_elems) * tile_block_bytes
+
+
+def quant_pack(
+    blocks: torch.Tensor,  # [out_features, in_features / block_elems * block_bytes] uint8, GGUF rows
+    ggml_type: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Repack a GGUF weight into the layout quant_linear reads: an opaque 1-D uint8 tensor."""
+    return _ops.quant_pack(blocks, ggml_type, in_features)
+
+
+def quant_linear(
+    x: torch.Tensor,  # [m, in_features] float32, rows contiguous
+    packed: torch.Tensor,  # quant_pack's result
+    ggml_type: int,
+    out_features: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,  # [out_features] float32
+) -> torch.Tensor:
+    """x W^T (+ bias) with x quantized per row to int8 blocks: [m, out_features] float32, batch-invariant."""
+    return _ops.quant_linear(x, packed, ggml_type, out_features, in_features, bias)
+
+
+def quant_linear_out(
+    x: torch.Tensor,  # [m, in_features] float32, rows contiguous
+    packed: torch.Tensor,  # quant_pack's result
+    ggml_type: int,
+    out_features: int,
+    in_features: int,
+    bias: torch.Tensor | None,  # [out_features] float32
+    out: torch.Tensor,  # [m, out_features] float32, stride(1) == 1, stride(0) >= out_features
+) -> None:
+    """quant_linear written into out (e.g. one shard's column slice of a fused q/k/v output)."""
+    _ops.quant_linear_out(x, packed, ggml_type, out_features, in_features, bias, out)
+
+
+def quant_dequant_rows(
+    packed: torch.Tensor,  # quant_pack's result
+    ids: torch.Tensor,  # [n] int64 in [0, out_features)
+    ggml_type: int,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Rows ids of the packed weight, dequantized as ggml does: [n, in_features] float32."""
+    return _ops.quant_dequant_rows(packed, ids, ggml_type, out_features, in_features)
+
+
+def quantize_rows(w: torch.Tensor, ggml_type: int) -> torch.Tensor:  # w: [rows, in_features] float32
+    """fp32 rows -> GGUF blocks [rows, row_bytes] uint8, bit-identical to ggml's reference quantizers."""
+    return _ops.quantize_rows(w, ggml_type)
+
+
 @torch.library.register_fake("pyserve::compute_slot_mapping")
 def _compute_slot_mapping_fake(block_tables, seq_lens, query_start_loc, block_size, num_tokens):
     out = block_tables.new_empty((num_tokens,), dtype=torch.int64)
@@ -221,3 +284,29 @@ def _gelu_tanh_and_mul_fake(input):
 @torch.library.register_fake("pyserve::rotary_embedding")
 def _rotary_embedding_fake(positions, query, key, cos, sin):
     return None
+
+
+@torch.library.register_fake("pyserve::quant_pack")
+def _quant_pack_fake(blocks, ggml_type, in_features):
+    return blocks.new_empty((quant_packed_bytes(ggml_type, blocks.shape[0], in_features),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("pyserve::quant_linear")
+def _quant_linear_fake(x, packed, ggml_type, out_features, in_features, bias=None):
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+@torch.library.register_fake("pyserve::quant_linear_out")
+def _quant_linear_out_fake(x, packed, ggml_type, out_features, in_features, bias, out):
+    return None
+
+
+@torch.library.register_fake("pyserve::quant_dequant_rows")
+def _quant_dequant_rows_fake(packed, ids, ggml_type, out_features, in_features):
+    return packed.new_empty((ids.shape[0], in_features), dtype=torch.float32)
+
+
+@torch.library.register_fake("pyserve::quantize_rows")
+def _quantize_rows_fake(w, ggml_type):
+    block_elems, block_bytes, _ = QUANT_FORMATS[ggml_type]
+    return w.new_empty((w.shape[0], w.shape[1] // block_elems * block_bytes), dtype=torch.uint8)

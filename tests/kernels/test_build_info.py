@@ -11,7 +11,7 @@ import pyserve
 
 def test_build_info_describes_the_build():
     info = pyserve.build_info()
-    assert info["cpu_isa"] in ("avx2", "avx512", "scalar")
+    assert info["cpu_isa"] in ("avx2", "avx512", "avx512_vnni", "scalar")
     assert info["torch_version"] == torch.__version__.split("+")[0] or info["torch_version"] == torch.__version__
     assert isinstance(info["cuda"], bool)
     assert bool(info["cuda_archs"]) == info["cuda"]

@@ -1,0 +1,25 @@
+// The formats the quantized ops know. Adding one: its file defines
+// <name>_format(), and one line here lists it.
+#include "cpu/quant/format.h"
+
+namespace pyserve::cpu::quant {
+
+const QuantFormat& q8_0_format();
+const QuantFormat& q4_0_format();
+const QuantFormat& q4_1_format();
+
+namespace {
+using FormatFn = const QuantFormat& (*)();
+constexpr FormatFn kFormats[] = {&q8_0_format, &q4_0_format, &q4_1_format};
+}  // namespace
+
+const QuantFormat* find_format(int64_t ggml_type) {
+  for (FormatFn f : kFormats) {
+    if (f().ggml_type == ggml_type) return &f();
+  }
+  return nullptr;
+}
+
+const char* supported_formats() { return "Q8_0 (8), Q4_0 (2), Q4_1 (3)"; }
+
+}  // namespace pyserve::cpu::quant
