@@ -38,7 +38,7 @@ model = load_model(path, dtype="float32")
 t2 = time.perf_counter()
 tok = load_tokenizer(path)
 t3 = time.perf_counter()
-assert model.embed.dtype == torch.float32 and tok.encode("Hello") == [19556]
+assert model.dtype == torch.float32 and tok.encode("Hello") == [19556]
 print(f"imports {t1 - t0:.3f}  model (read + dequantize + build) {t2 - t1:.3f}  tokenizer {t3 - t2:.3f}")
 """
 

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=_port, default=8000, help="port to bind")
     a("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
       help="weight and activation dtype (auto: fp32 on the CPU, the model's dtype on CUDA)")
+    a("--quantization", "-q", default=None, choices=("none", "q8_0", "q4_0"),
+      help="weights in a block format run by pyserve's CPU kernels: q8_0 / q4_0 quantize an HF "
+           "checkpoint's linear weights at load; none dequantizes a GGUF file (default: a GGUF file "
+           "keeps its own types, an HF checkpoint stays dense)")
     a("--device", default="cpu", help="cpu, cuda or cuda:N")
     a("--max-model-len", type=_positive_int, default=None,
       help="the context length (prompt + output); default: the model's")

@@ -243,6 +243,9 @@ class EngineConfig:
 
     device: str = "cpu"
     dtype: str = "auto"
+    # None: a GGUF file's own block formats, an HF checkpoint dense; "none": dequantize a GGUF file;
+    # "q8_0" / "q4_0": quantize an HF checkpoint's linear weights at load (models/layers/quantized.py).
+    quantization: str | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -259,6 +262,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quantization not in (None, "none", "q8_0", "q4_0"):
+            raise ValueError(f"quantization must be none, q8_0 or q4_0, got {self.quantization!r}")
         if self.block_size not in (8, 16, 32):
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:

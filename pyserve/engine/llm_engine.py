@@ -86,7 +86,7 @@ def load_tokenizer_for(path: str | Path | None, eos_token_ids: tuple[int, ...]):
 
 def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
     cfg = model.cfg
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * model.embed.element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
 
 
 class LLMEngine:
@@ -99,7 +99,7 @@ class LLMEngine:
         with phase("weights"):
             # Rotary tables (and Phi-3's choice of long or short rope factors) for the context we serve.
             self.model = load_model(model, device=config.device, dtype=config.dtype,
-                                    max_positions=config.max_model_len)
+                                    max_positions=config.max_model_len, quantization=config.quantization)
         cfg = self.model.cfg
         with phase("tokenizer"):
             self.tokenizer = load_tokenizer_for(model, cfg.eos_token_ids)

@@ -22,6 +22,7 @@ from pyserve.config import ModelConfig, RopeConfig, UnsupportedModelError
 from pyserve.loader.gguf_dequant import dequantize
 from pyserve.loader.gguf_reader import GGUFFile
 from pyserve.loader.gguf_types import GGUFError
+from pyserve.models.layers.quantized import QuantizedTensor
 from pyserve.registry import by_gguf_name, by_name
 
 _LAYER_NAMES = {
@@ -294,9 +295,12 @@ def _gguf_moe(meta: dict, prefix: str, arch: str, layers: int, path: str, tensor
                 moe_intermediate_size=int(width), norm_topk_prob=True, moe_layers=(True,) * layers)
 
 
-def unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+def unpermute_rows(w, num_heads: int):
     """Inverse of llama.cpp's q/k permutation: per head, rows were reordered
-    from [first half, second half] to interleaved pairs."""
+    from [first half, second half] to interleaved pairs. A weight kept in GGUF blocks is permuted by
+    whole rows (a block never spans two rows)."""
+    if isinstance(w, QuantizedTensor):
+        return w.take_rows(unpermute_rows(torch.arange(w.shape[0]), num_heads))
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 

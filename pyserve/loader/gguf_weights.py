@@ -33,12 +33,19 @@ def default_gguf_path() -> str:
     return path
 
 
-def load_tensors(gguf: GGUFFile | str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of the file dequantized to float32, in torch shape order (GGUF dims reversed)."""
+def load_tensors(gguf: GGUFFile | str | os.PathLike[str], keep_quantized: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the file dequantized to float32, in torch shape order (GGUF dims reversed).
+    keep_quantized: 2-D tensors in a block format pyserve's CPU kernels run stay in their blocks
+    (a QuantizedTensor: the file's bytes, copied out of the mapping)."""
+    from pyserve.models.layers.quantized import QuantizedTensor, kernel_runs
+
     f = gguf if isinstance(gguf, GGUFFile) else read_gguf(gguf)
 
-    def one(name: str) -> torch.Tensor:
+    def one(name: str) -> torch.Tensor | QuantizedTensor:
         info = f.tensors[name]
+        if keep_quantized and len(info.shape) == 2 and kernel_runs(info.ggml_type, info.shape[1]):
+            raw = np.array(f.raw(name)).reshape(info.shape[0], -1)
+            return QuantizedTensor(torch.from_numpy(raw), info.ggml_type, info.shape[1])
         arr = dequantize(f.raw(name), info.ggml_type, name)
         return torch.from_numpy(np.ascontiguousarray(arr)).reshape(info.shape)
 

@@ -33,15 +33,15 @@ class CausalLM:
         return {f"{prefix}.{local}": w for prefix, module in self.named_modules().items()
                 for local, w in module.weights().items()}
 
-    def finish_loading(self) -> None:
-        for module in self.named_modules().values():
-            if hasattr(module, "finish_loading"):
-                module.finish_loading()
+    # A ggml type dense linear weights are quantized to at load (HF checkpoints, --quantization).
+    quantize_to: int | None = None
 
-    @property
-    def embed(self) -> torch.Tensor:
-        """The embedding weight (its dtype is the KV cache's)."""
-        return self.embed_tokens.weight.data
+    def finish_loading(self) -> None:
+        for module in self.named_modules().values():  # the embedding before a head tied to it
+            if isinstance(module, LinearLayer):
+                module.finish_loading(self.quantize_to)
+            elif hasattr(module, "finish_loading"):
+                module.finish_loading()
 
     def warm_up_matmuls(self, max_tokens: int, max_logit_rows: int) -> None:
         """Build every matmul primitive a step of up to max_tokens tokens and max_logit_rows sampled rows
@@ -64,7 +64,7 @@ class CausalLM:
             # An anonymous mapping is zero-filled by the kernel a page at a time, on first touch, so a
             # cache of gigabytes costs nothing at startup (torch.zeros writes every byte: ~0.3 s/GiB);
             # a background thread then backs it with memory before requests need it (prefault.py).
-            nbytes = 2 * layers * math.prod(shape) * self.embed.element_size()
+            nbytes = 2 * layers * math.prod(shape) * self.dtype.itemsize
             buf = mmap.mmap(-1, nbytes)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 buf.madvise(mmap.MADV_HUGEPAGE)  # fewer, larger faults where the kernel grants them

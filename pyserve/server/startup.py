@@ -54,7 +54,8 @@ def build_engine(args, phases: Phases):
     from pyserve.engine.llm_engine import LLMEngine
 
     with phases.phase("config"):
-        config = EngineConfig(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        config = EngineConfig(device=args.device, dtype=args.dtype, quantization=args.quantization,
+                              max_model_len=args.max_model_len,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                               gpu_memory_utilization=args.gpu_memory_utilization,

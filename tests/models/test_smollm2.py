@@ -1,5 +1,7 @@
 """The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF): pyserve's
-loader and paged forward against transformers' own GGUF loader."""
+loader and paged forward against transformers' own GGUF loader, on the weights dequantized to fp32
+as transformers reads them (quantization="none"; the quantized kernels' path is compared with this
+one in tests/models/test_quantized.py)."""
 
 import os
 
@@ -51,7 +53,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def ours():
-    return load_model(None, dtype="float32")
+    return load_model(None, dtype="float32", quantization="none")
 
 
 def test_greedy_matches_transformers_one_at_a_time(reference, ours):

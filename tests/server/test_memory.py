@@ -98,3 +98,38 @@ def test_resident_memory_does_not_grow_with_requests(soak_server):
             break
         time.sleep(0.5)
     assert status == 200 and len(gauges) == len(GAUGES) and not any(gauges.values()), gauges
+
+
+def _settled_rss_mb(pid: int, timeout: float = 60) -> float:
+    """RSS once the KV-cache prefault thread has backed the cache (two readings a second apart agree)."""
+    deadline, last = time.monotonic() + timeout, rss_mb(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = rss_mb(pid)
+        if abs(now - last) < 2:
+            return now
+        last = now
+    return last
+
+
+def test_resident_memory_is_the_file_plus_the_cache():
+    """Issue 16's budget: after startup, serving the default model with a 1 GiB KV cache holds at most a
+    bare `import torch`, the GGUF file's size, the cache and 200 MB (weights stay in their blocks)."""
+    import os
+    import subprocess
+    import sys
+
+    from pyserve.loader import default_gguf_path
+
+    status = subprocess.run([sys.executable, "-c", "import torch; print(open('/proc/self/status').read())"],
+                            capture_output=True, text=True, check=True).stdout
+    bare = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+    file_mb = os.path.getsize(default_gguf_path()) / 2**20
+    server = Server("--kv-cache-memory", "1").wait_ready()
+    try:
+        rss = _settled_rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+    budget = bare + file_mb + 1024 + 200
+    print(f"RSS {rss:.0f} MB; budget {budget:.0f} MB = torch {bare:.0f} + file {file_mb:.0f} + cache 1024 + 200")
+    assert rss <= budget, f"RSS {rss:.0f} MB over the budget of {budget:.0f} MB (torch {bare:.0f}, file {file_mb:.0f})"

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pyserve.models.layers.quantized import QuantizedMethod
 from pyserve.models.layers.weight import Weight
 from pyserve.models.linear import Linear as PackedMatmul
 
@@ -43,7 +44,9 @@ class DenseMethod:
 
 class LinearLayer:
     """y = x Wᵀ + b. `output_shards` names the checkpoint tensors fused into W's rows, in order
-    (e.g. {"q": q_size, "k": kv_size, "v": kv_size}); the bias, if any, is sharded alike."""
+    (e.g. {"q": q_size, "k": kv_size, "v": kv_size}); the bias, if any, is sharded alike.
+    The method, unless given, follows what the checkpoint held: GGUF blocks our kernels run stay
+    quantized (QuantizedMethod), anything else is dense."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
                  output_shards: dict[str, int] | None = None, dtype: torch.dtype, device: torch.device,
@@ -51,14 +54,25 @@ class LinearLayer:
         self.in_features, self.out_features = in_features, out_features
         self.weight = Weight((out_features, in_features), dtype, device, output_shards)
         self.bias = Weight((out_features,), dtype, device, output_shards) if bias else None
-        self.method = method or DenseMethod()
+        self.method = method
         self.state: Any = None
 
     def weights(self) -> dict[str, Weight]:
         return {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
 
-    def finish_loading(self) -> None:
-        self.state = self.method.prepare(self.weight.data, self.bias.data if self.bias is not None else None)
+    def finish_loading(self, quantize_to: int | None = None) -> None:
+        """quantize_to: a ggml type to quantize a dense weight to (HF checkpoints, --quantization)."""
+        if quantize_to is not None and not self.weight.quantized:
+            self.weight.quantize(quantize_to)
+        bias = self.bias.data if self.bias is not None else None
+        if self.method is None:
+            self.method = QuantizedMethod() if self.weight.is_quantized else DenseMethod()
+        if isinstance(self.method, QuantizedMethod):
+            self.state = self.method.prepare(self.weight, bias)
+            self.weight.quantized = {}
+        else:
+            self.weight.densify()
+            self.state = self.method.prepare(self.weight.data, bias)
         self.weight.data = None  # the method holds what it needs (e.g. oneDNN's reordered copy)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

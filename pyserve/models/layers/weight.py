@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from pyserve.loader.hf import ModelLoadError
+from pyserve.models.layers.quantized import QuantizedTensor, kernel_runs
 
 
 class MissingWeightError(ModelLoadError):
@@ -30,6 +31,8 @@ class Weight:
                 raise ValueError(f"shards of {start} rows for a weight of {self.shape[0]}")
             self.shards = offsets
         self.loaded: set[str | None] = set()
+        # Shards (or the whole weight, under None) that arrived in a GGUF block format and are kept so.
+        self.quantized: dict[str | None, QuantizedTensor] = {}
 
     def load(self, name: str, tensor: torch.Tensor, shard: str | None = None) -> None:
         """Fill the whole weight or one shard from checkpoint tensor `name`. A checkpoint that fuses
@@ -46,6 +49,10 @@ class Weight:
             raise MissingWeightError(f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {want}")
         if shard in self.loaded:
             raise MissingWeightError(f"weight {name!r} appears twice in the checkpoint")
+        self.loaded.add(shard)
+        if isinstance(tensor, QuantizedTensor):
+            self.quantized[shard] = tensor
+            return
         tensor = tensor.to(device=self.device, dtype=self.dtype)
         if shard is None:  # a whole weight: adopt it, no copy
             self.data = tensor.contiguous()
@@ -53,7 +60,41 @@ class Weight:
             if self.data is None:
                 self.data = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             self.data[start: start + rows].copy_(tensor)
-        self.loaded.add(shard)
+
+    @property
+    def is_quantized(self) -> bool:
+        """Every part of the weight is in a block format our kernels run (models/layers/quantized.py)."""
+        return bool(self.quantized) and len(self.quantized) == len(self.shards) and all(
+            kernel_runs(q.ggml_type, q.in_features) for q in self.quantized.values())
+
+    def quantized_shards(self) -> list[tuple[QuantizedTensor, int]]:
+        """(blocks, first row) of each part, in row order."""
+        return [(self.quantized[name], start) for name, (start, _) in self.shards.items()]
+
+    def quantize(self, ggml_type: int) -> None:
+        """Replace the dense weight by ggml_type blocks (HF checkpoints under --quantization); a weight
+        whose rows are not whole blocks stays dense."""
+        if self.data is None or not kernel_runs(ggml_type, self.shape[-1]):
+            return
+        from pyserve.models.layers.quantized import quantize
+
+        self.shards = {None: (0, self.shape[0])}
+        self.quantized = {None: quantize(self.data, ggml_type)}
+        self.data = None
+
+    def densify(self) -> None:
+        """Dequantize any parts kept in a block format (types without a kernel, or a weight mixing
+        dense and quantized parts), so the dense path runs the whole weight."""
+        for name, q in self.quantized.items():
+            tensor = q.dequantize().to(device=self.device, dtype=self.dtype)
+            if name is None:
+                self.data = tensor
+            else:
+                if self.data is None:
+                    self.data = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+                start, rows = self.shards[name]
+                self.data[start: start + rows].copy_(tensor)
+        self.quantized = {}
 
     @property
     def complete(self) -> bool:

@@ -1,0 +1,124 @@
+"""Weights kept in GGUF block formats and run by our quantized kernels, at the model level: the default
+model's Q4_1 / Q8_0 file served as stored, HF checkpoints quantized at load (--quantization), fused
+layers whose shards have different types. The references are the same weights dequantized to fp32
+(the path tests/models/test_smollm2.py checks against transformers) and the `gguf` package's
+quantizer and dequantizer; the only difference allowed is the int8 rounding of the activations."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import gguf.quants
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from pyserve.loader import default_gguf_path
+from pyserve.loader.gguf_types import GGMLType
+from pyserve.models import load_model
+from pyserve.models.layers.linear import DenseMethod, LinearLayer
+from pyserve.models.layers.quantized import PackedQuantized, QuantizedMethod, QuantizedTensor
+from tests.models.paged_runner import PagedRunner
+
+
+def _linears(model):
+    return [m for m in model.named_modules().values() if isinstance(m, LinearLayer)]
+
+
+def _distribution_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(a || b) over rows, fraction of rows with the same argmax) of two logit batches."""
+    pa, pb = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    kl = (pa.exp() * (pa - pb)).sum(-1)
+    return float(kl.mean()), float((a.argmax(-1) == b.argmax(-1)).double().mean())
+
+
+@pytest.fixture(scope="module")
+def default_models():
+    return load_model(None, dtype="float32"), load_model(None, dtype="float32", quantization="none")
+
+
+def test_the_default_model_keeps_its_blocks(default_models):
+    quantized, dense = default_models
+    assert all(isinstance(m.method, QuantizedMethod) for m in _linears(quantized))
+    assert all(isinstance(m.method, DenseMethod) for m in _linears(dense))
+    # Q4_1 linears and the Q8_0 embedding, held once for the tied head: about the file's size.
+    held = sum(s.packed.nbytes for m in _linears(quantized) if m is not quantized.lm_head for s in m.state.shards)
+    held += sum(s.packed.nbytes for s in quantized.embed_tokens.packed.shards)
+    assert quantized.lm_head.state is quantized.embed_tokens.packed
+    assert 0.9 < held / os.path.getsize(default_gguf_path()) < 1.1
+
+
+def test_the_default_model_agrees_with_its_dequantized_weights(default_models):
+    """Next-token distributions at every 8th position of three texts, all prefixes in one batch."""
+    quantized, dense = default_models
+    g = torch.Generator().manual_seed(3)
+    texts = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (40, 90, 160)]
+    prefixes = [t[:n] for t in texts for n in range(8, len(t) + 1, 8)]
+    run = dict(max_new_tokens=1, chunk_size=256, start_every=0)
+    _, a = PagedRunner(dense, num_blocks=512).generate(prefixes, **run)
+    _, b = PagedRunner(quantized, num_blocks=512).generate(prefixes, **run)
+    kl, top1 = _distribution_gap(torch.stack(a), torch.stack(b))
+    assert kl < 0.01 and top1 > 0.9, (kl, top1)
+
+
+def test_a_gguf_file_is_dequantized_on_request_and_refuses_load_time_quantization():
+    from pyserve.loader.hf import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="applies to HF checkpoints"):
+        load_model(None, quantization="q8_0")
+    with pytest.raises(ValueError, match="quantization must be none, q8_0, q4_0"):
+        load_model(None, quantization="int4")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   initializer_range=0.05, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("quantization, kl_bound", [("q8_0", 1e-3), ("q4_0", 0.1)])
+def test_an_hf_checkpoint_quantized_at_load(tiny_hf, quantization, kl_bound):
+    dense = load_model(tiny_hf, dtype="float32")
+    quantized = load_model(tiny_hf, dtype="float32", quantization=quantization)
+    assert all(isinstance(m.method, QuantizedMethod) for m in _linears(quantized))
+    want = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}[quantization]
+    assert {s.ggml_type for m in _linears(quantized) for s in m.state.shards} == {want}
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 20, 77)]
+    _, a = PagedRunner(dense).generate(prompts, max_new_tokens=1)
+    _, b = PagedRunner(quantized).generate(prompts, max_new_tokens=1)
+    kl, _ = _distribution_gap(torch.stack(a), torch.stack(b))
+    assert 0 < kl < kl_bound, kl  # not the dense path, and close to it
+
+
+def _quantized(rows: int, cols: int, ggml_type: GGMLType, seed: int) -> tuple[QuantizedTensor, torch.Tensor]:
+    w = np.random.default_rng(seed).standard_normal((rows, cols), dtype=np.float32)
+    blocks = gguf.quants.quantize(w, gguf.GGMLQuantizationType(int(ggml_type)))
+    dense = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(int(ggml_type)))
+    return QuantizedTensor(torch.from_numpy(blocks), int(ggml_type), cols), torch.from_numpy(dense)
+
+
+def test_a_fused_layer_whose_shards_have_different_types():
+    """q Q8_0, k Q4_0, v Q4_1 (a Q4_K_M file mixes types this way): each shard's columns in place."""
+    parts = [_quantized(rows, 96, t, seed) for seed, (rows, t) in
+             enumerate([(64, GGMLType.Q8_0), (32, GGMLType.Q4_0), (32, GGMLType.Q4_1)])]
+    starts = [0, 64, 96]
+    bias = torch.randn(128)
+    layer = PackedQuantized([(q, s) for (q, _), s in zip(parts, starts)], bias)
+    assert len(layer.shards) == 3
+    x = torch.randn(5, 96)
+    want = x.double() @ torch.cat([d for _, d in parts]).double().T + bias.double()
+    got = layer(x)
+    # int8 activations: each product is off by at most half a step of x's block scale (|x|max / 127).
+    bound = (x.abs().amax(-1, keepdim=True).double() / 127 / 2) * torch.cat([d for _, d in parts]).abs().sum(-1).double()
+    assert ((got.double() - want).abs() <= bound + 1e-4).all()
+    one_type = PackedQuantized([(_quantized(64, 96, GGMLType.Q4_1, 7)[0], 0),
+                                (_quantized(64, 96, GGMLType.Q4_1, 8)[0], 64)], None)
+    assert len(one_type.shards) == 1  # same type: concatenated, one kernel call
