@@ -7,10 +7,11 @@ namespace pyserve::cpu::quant {
 const QuantFormat& q8_0_format();
 const QuantFormat& q4_0_format();
 const QuantFormat& q4_1_format();
+const QuantFormat& q6_k_format();
 
 namespace {
 using FormatFn = const QuantFormat& (*)();
-constexpr FormatFn kFormats[] = {&q8_0_format, &q4_0_format, &q4_1_format};
+constexpr FormatFn kFormats[] = {&q8_0_format, &q4_0_format, &q4_1_format, &q6_k_format};
 }  // namespace
 
 const QuantFormat* find_format(int64_t ggml_type) {
@@ -20,6 +21,6 @@ const QuantFormat* find_format(int64_t ggml_type) {
   return nullptr;
 }
 
-const char* supported_formats() { return "Q8_0 (8), Q4_0 (2), Q4_1 (3)"; }
+const char* supported_formats() { return "Q8_0 (8), Q4_0 (2), Q4_1 (3), Q6_K (14)"; }
 
 }  // namespace pyserve::cpu::quant
