@@ -11,12 +11,12 @@ from gguf.quants import dequantize, quantize
 
 # ggml_type -> gguf's enum, for the formats the kernels cover.
 QTYPES = {8: GGMLQuantizationType.Q8_0, 2: GGMLQuantizationType.Q4_0, 3: GGMLQuantizationType.Q4_1,
-          14: GGMLQuantizationType.Q6_K}
+          12: GGMLQuantizationType.Q4_K, 13: GGMLQuantizationType.Q5_K, 14: GGMLQuantizationType.Q6_K}
 # Formats gguf can quantize (ggml's reference quantizers); the others' test weights are random valid blocks.
 QUANTIZABLE = (8, 2, 3)
 # Weights per block; also the activations' scale block in our kernels (Q8_0-like for 32, Q8_K-like for 256).
-BLOCK_ELEMS = {8: 32, 2: 32, 3: 32, 14: 256}
-BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 14: 210}
+BLOCK_ELEMS = {8: 32, 2: 32, 3: 32, 12: 256, 13: 256, 14: 256}
+BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 12: 144, 13: 176, 14: 210}
 
 
 def random_weight(n: int, k: int, seed: int) -> torch.Tensor:
@@ -41,6 +41,9 @@ def random_blocks(n: int, k: int, ggml_type: int, seed: int) -> torch.Tensor:
     if ggml_type == 14:  # Q6_K: ql[128] qh[64] int8 scales[16] fp16 d
         d = (torch.randn(n, nb, 1, generator=g) * 2e-4).to(torch.float16)
         blocks[..., 208:] = d.view(torch.uint8)
+    else:  # Q4_K, Q5_K: fp16 d, fp16 dmin, 6-bit scales and mins, [qh[32]], qs[128]
+        d = (torch.randn(n, nb, 2, generator=g) * 4e-4).to(torch.float16)
+        blocks[..., :4] = d.view(torch.uint8)
     return blocks.reshape(n, -1)
 
 

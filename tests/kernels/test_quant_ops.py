@@ -13,7 +13,7 @@ from tests.kernels.quant_reference import (BLOCK_ELEMS, QTYPES, QUANTIZABLE, err
                                            weight_blocks)
 
 TYPES = sorted(QTYPES)
-NAMES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 14: "Q6_K"}
+NAMES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 
 
 def make(n, k, ggml_type, seed=0):
@@ -193,8 +193,8 @@ def test_validation_errors_name_the_argument():
         _ops.quantize_rows(torch.zeros(2, 48), 8)
     with pytest.raises(RuntimeError, match="w must be float32"):
         _ops.quantize_rows(torch.zeros(2, 64, dtype=torch.float16), 8)
-    with pytest.raises(RuntimeError, match="ggml_type 12 has no quantized kernel"):
-        _ops.quantize_rows(torch.zeros(2, 256), 12)
+    with pytest.raises(RuntimeError, match="ggml_type 11 has no quantized kernel"):
+        _ops.quantize_rows(torch.zeros(2, 256), 11)
     with pytest.raises(RuntimeError, match="quantize_rows has no quantizer for Q6_K"):
         _ops.quantize_rows(torch.zeros(2, 256), 14)
     q6k, _, _ = make(8, 256, 14)
