@@ -1,5 +1,6 @@
 // The machinery shared by the formats of 32-weight blocks with one fp16 scale
-// (and optionally one fp16 min): Q8_0, Q4_0, Q4_1 (and Q5_0/Q5_1 later). A
+// (and optionally one fp16 min): Q8_0, Q4_0, Q4_1 (Q5_0/Q5_1 would add a
+// fifth-bit plane, as q45_k.cpp does for Q5_K). A
 // format file describes its GGUF block with a small struct F and gets its
 // QuantFormat from make_block32_format<F>():
 //
