@@ -89,6 +89,20 @@ def test_quant_linear_out_writes_a_column_slice(ggml_type):
     assert (wide[:, :5] == 7).all() and (wide[:, 5 + n:] == 7).all()  # nothing outside the slice
 
 
+@pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
+def test_non_finite_activations_reach_the_output(ggml_type):
+    """A NaN or an infinity in a row makes that row's outputs NaN (as in an fp32 matmul, up to inf vs NaN),
+    never a finite number; the other rows are untouched."""
+    n, k = 24, features(ggml_type, 64)
+    _, _, packed = make(n, k, ggml_type)
+    x = activations(4, k)
+    clean = _ops.quant_linear(x, packed, ggml_type, n, k)
+    x[1, 5], x[2, k - 1] = float("nan"), float("inf")
+    y = _ops.quant_linear(x, packed, ggml_type, n, k)
+    assert y[1].isnan().all() and y[2].isnan().all()
+    assert torch.equal(y[[0, 3]], clean[[0, 3]])
+
+
 def edge_rows(k):
     """Rows that exercise the quantizers' corner cases, plus random ones."""
     g = torch.Generator().manual_seed(3)

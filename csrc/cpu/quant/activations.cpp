@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 
 #include "cpu/quant/simd.h"
 
@@ -20,13 +22,31 @@ void quantize_row(const float* x, int64_t k, int64_t block, int64_t group, int8_
     const float* xb = x + b0;
 #if defined(PYSERVE_QUANT_VNNI) || defined(PYSERVE_QUANT_AVX2)
     const __m256 sign = _mm256_set1_ps(-0.f);
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t j = 0; j < block; j += 8) a = _mm256_max_ps(a, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
+    __m256 a = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int64_t j = 0; j < block; j += 8) {
+      const __m256 v = _mm256_loadu_ps(xb + j);
+      a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
     const float amax = hmax8(a);
+    const bool has_nan = _mm256_movemask_ps(nan) != 0;
 #else
     float amax = 0.f;
-    for (int64_t j = 0; j < block; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    bool has_nan = false;
+    for (int64_t j = 0; j < block; ++j) {
+      amax = std::max(amax, std::fabs(xb[j]));
+      has_nan = has_nan || std::isnan(xb[j]);
+    }
 #endif
+    if (has_nan || !std::isfinite(amax)) {
+      // max would lose a NaN, and a NaN or infinite x * id has no integer
+      // value: the block becomes q = 0 with a NaN scale, which carries NaN to
+      // every output of the row (the same on every path).
+      d[b0 / block] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(q + b0, 0, block);
+      for (int64_t g = b0 / group; g < (b0 + block) / group; ++g) s[g] = 0;
+      continue;
+    }
     const float db = amax / 127.f;
     const float id = db != 0.f ? 1.f / db : 0.f;
     d[b0 / block] = db;
