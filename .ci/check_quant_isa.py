@@ -18,20 +18,21 @@ sys.path.insert(0, sys.argv[1])
 sys.path.insert(1, sys.argv[2])
 import pyserve
 from pyserve import _ops
-from tests.kernels.quant_reference import QTYPES, gguf_blocks, random_weight
+from tests.kernels.quant_reference import QTYPES, QUANTIZABLE, weight_blocks
 assert pyserve.__file__.startswith(sys.argv[1]), pyserve.__file__
 out = {"isa": pyserve.build_info()["cpu_isa"]}
 g = torch.Generator().manual_seed(0)
 for t in sorted(QTYPES):
-    for n, k in ((13, 576), (200, 1536), (64, 32)):
-        blocks = gguf_blocks(random_weight(n, k, t), t)
+    for n, k in ((13, 512), (200, 1536), (64, 256)):
+        blocks = weight_blocks(n, k, t, t)
         packed = _ops.quant_pack(blocks, t, k)
         out[f"pack/{t}/{n}x{k}"] = packed
         x = torch.randn(37, k, generator=g) * 3
         out[f"linear/{t}/{n}x{k}"] = _ops.quant_linear(x, packed, t, n, k, torch.randn(n, generator=g))
         out[f"linear1/{t}/{n}x{k}"] = _ops.quant_linear(x[5:6], packed, t, n, k)
         out[f"dequant/{t}/{n}x{k}"] = _ops.quant_dequant_rows(packed, torch.arange(n), t, n, k)
-        out[f"quantize/{t}/{n}x{k}"] = _ops.quantize_rows(x, t)
+        if t in QUANTIZABLE:
+            out[f"quantize/{t}/{n}x{k}"] = _ops.quantize_rows(x, t)
 torch.save(out, sys.argv[3])
 """
 

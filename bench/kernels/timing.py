@@ -66,3 +66,13 @@ def cuda_copy_bandwidth(nbytes: int = 1 << 30, iters: int = 20) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / t
+
+
+def cpu_copy_bandwidth(nbytes: int = 1 << 28, iters: int = 10) -> float:
+    """Host memory copy bandwidth in bytes/s (torch's copy_ of a buffer far larger than the caches, on the
+    intra-op threads), counting bytes read plus bytes written like cuda_copy_bandwidth. A kernel that only
+    reads N bytes in time t compares as (N / t) / this; the min sample is the figure (a shared machine)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    _, t = timed_side_by_side({"copy": lambda: dst.copy_(src)}, iters, 2, "cpu")["copy"]
+    return 2 * nbytes / t

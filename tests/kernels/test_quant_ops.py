@@ -8,16 +8,23 @@ import pytest
 import torch
 
 from pyserve import _ops
-from tests.kernels.quant_reference import (QTYPES, error_bound, expected_rms_error, gguf_blocks, gguf_dequantize,
-                                           random_weight, reference_linear)
+from tests.kernels.quant_reference import (BLOCK_ELEMS, QTYPES, QUANTIZABLE, error_bound, expected_rms_error,
+                                           gguf_blocks, gguf_dequantize, random_weight, reference_linear,
+                                           weight_blocks)
 
 TYPES = sorted(QTYPES)
-NAMES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1"}
+NAMES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 
 
 def make(n, k, ggml_type, seed=0):
-    blocks = gguf_blocks(random_weight(n, k, seed), ggml_type)
+    blocks = weight_blocks(n, k, ggml_type, seed)
     return blocks, gguf_dequantize(blocks, ggml_type), _ops.quant_pack(blocks, ggml_type, k)
+
+
+def features(ggml_type, k):
+    """k rounded up to whole blocks of ggml_type (the K-quants need 256)."""
+    b = BLOCK_ELEMS[ggml_type]
+    return -(-k // b) * b
 
 
 def activations(m, k, seed=1):
@@ -27,16 +34,16 @@ def activations(m, k, seed=1):
     return x + (torch.rand(m, k, generator=g) < 0.005) * 20 * torch.randn(m, k, generator=g)
 
 
-def assert_within_bound(y, x, w_deq, bias):
+def assert_within_bound(y, x, w_deq, bias, block=32):
     want = reference_linear(x, w_deq, bias)
-    bound = error_bound(x, w_deq)
+    bound = error_bound(x, w_deq, block)
     assert y.dtype == torch.float32 and y.shape == want.shape
     err = (y.double() - want).abs()
     if not y.numel():
         return
     worst = (err / bound).max().item()
     assert worst <= 1.0, f"error {worst:.3f}x the int8-activation bound"
-    rms, typical = err.pow(2).mean().sqrt().item(), expected_rms_error(x, w_deq).item()
+    rms, typical = err.pow(2).mean().sqrt().item(), expected_rms_error(x, w_deq, block).item()
     assert rms <= 2 * typical, f"rms error {rms:.3g}, twice what int8 activations explain ({typical:.3g})"
 
 
@@ -45,38 +52,55 @@ def assert_within_bound(y, x, w_deq, bias):
                                    (7, 1, 64), (300, 24, 128)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_quant_linear_matches_dequantized_matmul(ggml_type, m, n, k, with_bias):
+    k = features(ggml_type, k)
     _, w_deq, packed = make(n, k, ggml_type)
     x = activations(m, k)
     bias = torch.randn(n) if with_bias else None
     y = _ops.quant_linear(x, packed, ggml_type, n, k, bias)
-    assert_within_bound(y, x, w_deq, bias)
+    assert_within_bound(y, x, w_deq, bias, BLOCK_ELEMS[ggml_type])
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
 def test_quant_linear_of_no_rows(ggml_type):
-    _, _, packed = make(16, 64, ggml_type)
-    y = _ops.quant_linear(torch.empty(0, 64), packed, ggml_type, 16, 64)
+    k = features(ggml_type, 64)
+    _, _, packed = make(16, k, ggml_type)
+    y = _ops.quant_linear(torch.empty(0, k), packed, ggml_type, 16, k)
     assert y.shape == (0, 16) and y.dtype == torch.float32
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
 def test_quant_linear_of_strided_x(ggml_type):
-    _, w_deq, packed = make(40, 96, ggml_type)
-    x = activations(6, 200)[:, 50:146]  # row stride 200
-    assert_within_bound(_ops.quant_linear(x, packed, ggml_type, 40, 96), x, w_deq, None)
+    k = features(ggml_type, 96)
+    _, w_deq, packed = make(40, k, ggml_type)
+    x = activations(6, k + 104)[:, 50:50 + k]  # row stride k + 104
+    assert_within_bound(_ops.quant_linear(x, packed, ggml_type, 40, k), x, w_deq, None, BLOCK_ELEMS[ggml_type])
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
 def test_quant_linear_out_writes_a_column_slice(ggml_type):
-    n, k, m = 21, 576, 9
+    n, k, m = 21, features(ggml_type, 576), 9
     _, w_deq, packed = make(n, k, ggml_type)
     x, bias = activations(m, k), torch.randn(n)
     wide = torch.full((m, n + 12), 7.0)
     out = wide[:, 5:5 + n]  # a shard's columns of a fused output
     _ops.quant_linear_out(x, packed, ggml_type, n, k, bias, out)
-    assert_within_bound(out, x, w_deq, bias)
+    assert_within_bound(out, x, w_deq, bias, BLOCK_ELEMS[ggml_type])
     assert torch.equal(out, _ops.quant_linear(x, packed, ggml_type, n, k, bias))
     assert (wide[:, :5] == 7).all() and (wide[:, 5 + n:] == 7).all()  # nothing outside the slice
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
+def test_non_finite_activations_reach_the_output(ggml_type):
+    """A NaN or an infinity in a row makes that row's outputs NaN (as in an fp32 matmul, up to inf vs NaN),
+    never a finite number; the other rows are untouched."""
+    n, k = 24, features(ggml_type, 64)
+    _, _, packed = make(n, k, ggml_type)
+    x = activations(4, k)
+    clean = _ops.quant_linear(x, packed, ggml_type, n, k)
+    x[1, 5], x[2, k - 1] = float("nan"), float("inf")
+    y = _ops.quant_linear(x, packed, ggml_type, n, k)
+    assert y[1].isnan().all() and y[2].isnan().all()
+    assert torch.equal(y[[0, 3]], clean[[0, 3]])
 
 
 def edge_rows(k):
@@ -92,7 +116,7 @@ def edge_rows(k):
     return torch.cat([torch.stack(rows), random_weight(40, k, 4), torch.randn(8, k, generator=g) * 100])
 
 
-@pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
+@pytest.mark.parametrize("ggml_type", QUANTIZABLE, ids=NAMES.get)
 def test_quantize_rows_is_bit_identical_to_gguf(ggml_type):
     w = edge_rows(576)
     got = _ops.quantize_rows(w, ggml_type)
@@ -101,7 +125,7 @@ def test_quantize_rows_is_bit_identical_to_gguf(ggml_type):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
+@pytest.mark.parametrize("ggml_type", QUANTIZABLE, ids=NAMES.get)
 def test_quantize_rows_of_no_rows(ggml_type):
     assert _ops.quantize_rows(torch.empty(0, 64), ggml_type).shape == (0, 64 // 32 * {8: 34, 2: 18, 3: 20}[ggml_type])
 
@@ -109,6 +133,7 @@ def test_quantize_rows_of_no_rows(ggml_type):
 @pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
 @pytest.mark.parametrize("n,k", [(13, 576), (64, 32), (3, 1536)])
 def test_dequant_rows_is_bit_identical_to_gguf(ggml_type, n, k):
+    k = features(ggml_type, k)
     blocks, w_deq, packed = make(n, k, ggml_type, seed=5)
     ids = torch.tensor([n - 1, 0, n // 2, n - 1, 1 % n], dtype=torch.int64)
     got = _ops.quant_dequant_rows(packed, ids, ggml_type, n, k)
@@ -120,7 +145,7 @@ def test_dequant_rows_is_bit_identical_to_gguf(ggml_type, n, k):
 @pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
 def test_results_do_not_depend_on_the_batch(ggml_type):
     """Row i alone, or anywhere inside batches of 1, 7, 33 and 300 rows, with one thread or two: the same bits."""
-    n, k = 200, 576
+    n, k = 200, features(ggml_type, 576)
     _, _, packed = make(n, k, ggml_type)
     x, bias = activations(300, k), torch.randn(n)
     threads = torch.get_num_threads()
@@ -182,8 +207,13 @@ def test_validation_errors_name_the_argument():
         _ops.quantize_rows(torch.zeros(2, 48), 8)
     with pytest.raises(RuntimeError, match="w must be float32"):
         _ops.quantize_rows(torch.zeros(2, 64, dtype=torch.float16), 8)
-    with pytest.raises(RuntimeError, match="ggml_type 12 has no quantized kernel"):
-        _ops.quantize_rows(torch.zeros(2, 256), 12)
+    with pytest.raises(RuntimeError, match="ggml_type 11 has no quantized kernel"):
+        _ops.quantize_rows(torch.zeros(2, 256), 11)
+    with pytest.raises(RuntimeError, match="quantize_rows has no quantizer for Q6_K"):
+        _ops.quantize_rows(torch.zeros(2, 256), 14)
+    q6k, _, _ = make(8, 256, 14)
+    with pytest.raises(RuntimeError, match=r"in_features must be a positive multiple of 256 \(Q6_K blocks\), got 288"):
+        _ops.quant_pack(q6k, 14, 288)
 
 
 def test_opcheck():

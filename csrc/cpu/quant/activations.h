@@ -1,8 +1,10 @@
-// Activations for the block-32 formats: each row of x quantized to int8 in
-// blocks of 32, as ggml's Q8_0/Q8_1 activations but with an fp32 scale:
-//   d = max|x| / 127, q = round_half_even(x * (1 / d)), s = sum of the block's q
-// (s serves the formats whose weights carry an offset: Q4_0's -8, Q4_1's min,
-// and Q8_0 stored as unsigned q + 128 for vpdpbusd). |q| <= 127.
+// Activations of the quantized matmul: each row of x quantized to int8 in
+// blocks of `block` values (32 for the block-32 formats, as ggml's Q8_0/Q8_1;
+// 256 for the K-quants, as ggml's Q8_K), with an fp32 scale per block:
+//   d = max|x| / 127, q = round_half_even(x * (1 / d)), |q| <= 127,
+// and s = the sum of q over each `group` consecutive values (32: one per block,
+// for Q4_0's -8, Q4_1's min and Q8_0 stored as unsigned q + 128; 16: the
+// K-quants' sub-blocks).
 #pragma once
 
 #include <cstdint>
@@ -11,17 +13,18 @@
 namespace pyserve::cpu::quant {
 
 struct Q8Rows {
-  int64_t m = 0, nb = 0;
-  std::unique_ptr<int8_t[]> q;   // [m, nb * 32]
-  std::unique_ptr<float[]> d;    // [m, nb]
-  std::unique_ptr<int32_t[]> s;  // [m, nb]
+  int64_t m = 0, k = 0, nb = 0, block = 32, group = 32;
+  std::unique_ptr<int8_t[]> q;   // [m, k]
+  std::unique_ptr<float[]> d;    // [m, k / block]
+  std::unique_ptr<int32_t[]> s;  // [m, k / group]
 
-  const int8_t* row_q(int64_t i) const { return q.get() + i * nb * 32; }
+  const int8_t* row_q(int64_t i) const { return q.get() + i * k; }
   const float* row_d(int64_t i) const { return d.get() + i * nb; }
-  const int32_t* row_s(int64_t i) const { return s.get() + i * nb; }
+  const int32_t* row_s(int64_t i) const { return s.get() + i * (k / group); }
 };
 
-// Quantizes m rows of nb * 32 floats (rows ldx floats apart), rows split over threads.
-Q8Rows quantize_rows_q8_32(const float* x, int64_t ldx, int64_t m, int64_t nb);
+// Quantizes m rows of k floats (rows ldx floats apart; k a multiple of block;
+// block a multiple of 32; group 16 or 32), rows split over threads.
+Q8Rows quantize_rows_q8(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t block, int64_t group);
 
 }  // namespace pyserve::cpu::quant

@@ -1,5 +1,6 @@
 // The machinery shared by the formats of 32-weight blocks with one fp16 scale
-// (and optionally one fp16 min): Q8_0, Q4_0, Q4_1 (and Q5_0/Q5_1 later). A
+// (and optionally one fp16 min): Q8_0, Q4_0, Q4_1 (Q5_0/Q5_1 would add a
+// fifth-bit plane, as q45_k.cpp does for Q5_K). A
 // format file describes its GGUF block with a small struct F and gets its
 // QuantFormat from make_block32_format<F>():
 //
@@ -43,6 +44,7 @@
 #include <cstring>
 
 #include "cpu/quant/activations.h"
+#include "cpu/quant/driver.h"
 #include "cpu/quant/format.h"
 #include "cpu/quant/simd.h"
 
@@ -56,6 +58,7 @@ struct Block32 {
   static constexpr int64_t kScaleBytes = F::kHasMin ? 32 : 16;
   static constexpr int64_t kQsBytes = F::kNibbles ? 128 : 256;
   static constexpr int64_t kTileBlockBytes = kScaleBytes + kQsBytes;
+  static constexpr int64_t kPrefetchBytes = 2048;
 
   // Unsigned quant of row r, element e (< 32) in a packed tile block's qs.
   static int u_at(const uint8_t* qs, int64_t r, int e) {
@@ -124,6 +127,12 @@ struct Block32 {
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
+      if (a.m <= kMaxRows) {  // a decode call streams the weight once: ask for it a few blocks ahead
+        for (int64_t l = 0; l < kTileBlockBytes; l += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(pa + kPrefetchBytes + l), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(pb + kPrefetchBytes + l), _MM_HINT_T0);
+        }
+      }
       auto halves16 = [](const uint8_t* x, const uint8_t* y) {
         return _mm512_cvtph_ps(_mm256_inserti128_si256(
             _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
@@ -249,7 +258,7 @@ struct Block32 {
 #else
   static constexpr int64_t kUnitTiles = 1;
 #endif
-  static constexpr int kMaxRows = 4;  // activation rows per kernel call
+  static constexpr int64_t kBlockElems = 32, kActBlock = 32, kActGroup = 32;
 
   template <int R>
   static void unit(const Q8Rows& a, int64_t i0, const uint8_t* t, int64_t tile_bytes, bool pair, float* res) {
@@ -263,61 +272,13 @@ struct Block32 {
     tile1<R>(a, i0, t, res);
 #endif
   }
-
-  // Columns of tiles [t0, t1) for every activation row.
-  static void run_tiles(const Q8Rows& a, const uint8_t* packed, int64_t t0, int64_t t1, int64_t out_features,
-                        const float* bias, float* out, int64_t ldo) {
-    const int64_t tile_bytes = a.nb * kTileBlockBytes;
-    constexpr int64_t kCols = kUnitTiles * kTileRows;
-    float res[kMaxRows * kCols];
-    for (int64_t t = t0; t < t1; t += kUnitTiles) {
-      const bool pair = t + 1 < t1;
-      const uint8_t* tp = packed + t * tile_bytes;
-      const int64_t col0 = t * kTileRows;
-      const int64_t ncols = std::min<int64_t>(std::min(kUnitTiles, t1 - t) * kTileRows, out_features - col0);
-      for (int64_t i = 0; i < a.m; i += kMaxRows) {
-        const int64_t rows = std::min<int64_t>(kMaxRows, a.m - i);
-        switch (rows) {
-          case 4: unit<4>(a, i, tp, tile_bytes, pair, res); break;
-          case 3: unit<3>(a, i, tp, tile_bytes, pair, res); break;
-          case 2: unit<2>(a, i, tp, tile_bytes, pair, res); break;
-          default: unit<1>(a, i, tp, tile_bytes, pair, res); break;
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = out + (i + r) * ldo + col0;
-          const float* v = res + r * kCols;
-          if (bias != nullptr) {
-            for (int64_t c = 0; c < ncols; ++c) o[c] = v[c] + bias[col0 + c];
-          } else {
-            std::memcpy(o, v, ncols * sizeof(float));
-          }
-        }
-      }
-    }
-  }
-
-  static void linear(const float* x, int64_t ldx, int64_t m, const uint8_t* packed, int64_t out_features,
-                     int64_t in_features, const float* bias, float* out, int64_t ldo) {
-    if (m == 0 || out_features == 0) return;
-    const int64_t nb = in_features / 32;
-    const Q8Rows a = quantize_rows_q8_32(x, ldx, m, nb);
-    const int64_t tiles = (out_features + kTileRows - 1) / kTileRows;
-    const int64_t units = (tiles + kUnitTiles - 1) / kUnitTiles;
-    // A unit of one activation row is ~8 * in_features MACs per tile; below
-    // ~128k MACs per thread the wake-up costs more than it saves.
-    const int64_t unit_macs = std::max<int64_t>(1, std::min<int64_t>(m, 64) * in_features * kTileRows * kUnitTiles);
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / unit_macs);
-    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-      run_tiles(a, packed, begin * kUnitTiles, std::min(tiles, end * kUnitTiles), out_features, bias, out, ldo);
-    });
-  }
 };
 
 template <class F>
 QuantFormat make_block32_format() {
   using B = Block32<F>;
   return QuantFormat{F::kType, F::kName, 32, F::kBlockBytes, B::kTileBlockBytes, &B::pack_tile, &B::dequant_row,
-                     &B::quantize_row, &B::linear};
+                     &B::quantize_row, &run_linear<B>};
 }
 
 }  // namespace pyserve::cpu::quant

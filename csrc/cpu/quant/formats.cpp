@@ -1,5 +1,6 @@
 // The formats the quantized ops know. Adding one: its file defines
-// <name>_format(), and one line here lists it.
+// <name>_format(), and one line here lists it (plus its file in CMakeLists.txt
+// and its sizes in pyserve/_ops.py's QUANT_FORMATS, which the fake kernels use).
 #include "cpu/quant/format.h"
 
 namespace pyserve::cpu::quant {
@@ -7,10 +8,14 @@ namespace pyserve::cpu::quant {
 const QuantFormat& q8_0_format();
 const QuantFormat& q4_0_format();
 const QuantFormat& q4_1_format();
+const QuantFormat& q4_k_format();
+const QuantFormat& q5_k_format();
+const QuantFormat& q6_k_format();
 
 namespace {
 using FormatFn = const QuantFormat& (*)();
-constexpr FormatFn kFormats[] = {&q8_0_format, &q4_0_format, &q4_1_format};
+constexpr FormatFn kFormats[] = {&q8_0_format, &q4_0_format, &q4_1_format, &q4_k_format, &q5_k_format,
+                                &q6_k_format};
 }  // namespace
 
 const QuantFormat* find_format(int64_t ggml_type) {
@@ -20,6 +25,6 @@ const QuantFormat* find_format(int64_t ggml_type) {
   return nullptr;
 }
 
-const char* supported_formats() { return "Q8_0 (8), Q4_0 (2), Q4_1 (3)"; }
+const char* supported_formats() { return "Q8_0 (8), Q4_0 (2), Q4_1 (3), Q4_K (12), Q5_K (13), Q6_K (14)"; }
 
 }  // namespace pyserve::cpu::quant

@@ -1,0 +1,80 @@
+// The loop around a format's micro-kernel, shared by every format: quantize
+// x's rows, split the output columns (tiles) over threads, run the kernel on
+// each unit of tiles for kMaxRows activation rows at a time, add the bias and
+// store. A kernel class K provides:
+//   kBlockElems     weights per block (32, or 256 for the K-quants)
+//   kActBlock, kActGroup  activation scale block and sum group (activations.h)
+//   kTileBlockBytes packed bytes of one block of kTileRows rows
+//   kUnitTiles      tiles one kernel call computes (2 on AVX-512: 16 lanes)
+//   template <int R> static void unit(const Q8Rows&, int64_t i0, const uint8_t* tile,
+//                                     int64_t tile_bytes, bool pair, float* res)
+//     res[r][kUnitTiles * kTileRows] for rows i0..i0+R-1; with pair false only
+//     the first tile exists (the kernel may compute the missing one as a copy).
+// Each lane of a kernel is one output column, accumulated block by block in a
+// fixed order, so a row's result depends on neither m, nor the row's place,
+// nor the thread split.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/quant/activations.h"
+#include "cpu/quant/format.h"
+
+namespace pyserve::cpu::quant {
+
+constexpr int kMaxRows = 4;  // activation rows per kernel call: each unpacked weight block serves 4 rows
+
+template <class K>
+void run_tiles(const Q8Rows& a, const uint8_t* packed, int64_t t0, int64_t t1, int64_t out_features,
+               const float* bias, float* out, int64_t ldo) {
+  const int64_t tile_bytes = (a.k / K::kBlockElems) * K::kTileBlockBytes;
+  constexpr int64_t kCols = K::kUnitTiles * kTileRows;
+  float res[kMaxRows * kCols];
+  for (int64_t t = t0; t < t1; t += K::kUnitTiles) {
+    const bool pair = t + 1 < t1;
+    const uint8_t* tp = packed + t * tile_bytes;
+    const int64_t col0 = t * kTileRows;
+    const int64_t ncols = std::min<int64_t>(std::min<int64_t>(K::kUnitTiles, t1 - t) * kTileRows, out_features - col0);
+    for (int64_t i = 0; i < a.m; i += kMaxRows) {
+      const int64_t rows = std::min<int64_t>(kMaxRows, a.m - i);
+      switch (rows) {
+        case 4: K::template unit<4>(a, i, tp, tile_bytes, pair, res); break;
+        case 3: K::template unit<3>(a, i, tp, tile_bytes, pair, res); break;
+        case 2: K::template unit<2>(a, i, tp, tile_bytes, pair, res); break;
+        default: K::template unit<1>(a, i, tp, tile_bytes, pair, res); break;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        float* o = out + (i + r) * ldo + col0;
+        const float* v = res + r * kCols;
+        if (bias != nullptr) {
+          for (int64_t c = 0; c < ncols; ++c) o[c] = v[c] + bias[col0 + c];
+        } else {
+          std::memcpy(o, v, ncols * sizeof(float));
+        }
+      }
+    }
+  }
+}
+
+template <class K>
+void run_linear(const float* x, int64_t ldx, int64_t m, const uint8_t* packed, int64_t out_features,
+                int64_t in_features, const float* bias, float* out, int64_t ldo) {
+  if (m == 0 || out_features == 0) return;
+  const Q8Rows a = quantize_rows_q8(x, ldx, m, in_features, K::kActBlock, K::kActGroup);
+  const int64_t tiles = (out_features + kTileRows - 1) / kTileRows;
+  const int64_t units = (tiles + K::kUnitTiles - 1) / K::kUnitTiles;
+  // A unit is ~kUnitTiles * 8 * in_features MACs per activation row; below
+  // ~128k MACs per thread a thread wake-up costs more than it saves.
+  const int64_t unit_macs = std::max<int64_t>(1, std::min<int64_t>(m, 64) * in_features * kTileRows * K::kUnitTiles);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / unit_macs);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    run_tiles<K>(a, packed, begin * K::kUnitTiles, std::min(tiles, end * K::kUnitTiles), out_features, bias, out,
+                 ldo);
+  });
+}
+
+}  // namespace pyserve::cpu::quant

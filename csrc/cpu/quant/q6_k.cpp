@@ -1,0 +1,245 @@
+// Q6_K (ggml type 14): super-blocks of 256 weights, 16 sub-blocks of 16 with
+// an int8 scale each and one fp16 d; 6-bit quants u (low 4 bits in ql, high 2
+// in qh); weight = (d * sc[e / 16]) * (u - 32). Activations: blocks of 256
+// with one fp32 scale and a sum per 16 (ggml's Q8_K, fp32 d).
+//
+// Packed tile block (8 rows, one super-block of each), 8 * 210 bytes:
+//   fp16 d[8]                                    at 0
+//   int8 sc[16][8]  (sub-block major)            at 16
+//   low nibbles, 8 chunks of 32 weights, each as a block-32 4-bit tile block
+//   (block32.h): chunk c at 144 + 128 c, byte (g * 8 + r) * 4 + i holds
+//   u[32c + 4g + i] & 15 (low) and u[32c + 16 + 4g + i] & 15 (high)
+//   high 2 bits, chunk c at 1168 + 64 c: half h (0: weights 0-15 of the chunk,
+//   1: 16-31), byte h * 32 + r * 4 + i holds (u[32c + 16h + 4g + i] >> 4) at
+//   bits 2g, 2g + 1 for g < 4
+// so a chunk's 8-row 6-bit quants come out of 6 vector loads with shifts and
+// masks, 4 consecutive weights per row per 32-bit lane, as vpdpbusd wants.
+//
+// Result of row i, column j (every path): for each super-block b in order,
+//   isum = sum_sub sc[sub] * (sum_{k in sub} u_k q_k - 32 * s_a[sub])   (exact int32)
+//   acc = fma(d_w * d_a, float(isum), acc);  y = acc (+ bias).
+#include <cstring>
+
+#include "cpu/quant/block32.h"
+#include "cpu/quant/driver.h"
+
+namespace pyserve::cpu::quant {
+namespace {
+
+constexpr int64_t kBlockBytes = 210;  // ql[128], qh[64], int8 scales[16], fp16 d
+constexpr int64_t kScOff = 16, kLoOff = 144, kHiOff = 1168;
+
+struct Q6K {
+  static constexpr int64_t kTileBlockBytes = kTileRows * kBlockBytes;
+  static constexpr int64_t kBlockElems = 256, kActBlock = 256, kActGroup = 16;
+
+  // GGUF block -> u[256] (0..63), scales, raw fp16 d; the element order of
+  // ggml's dequantize_row_q6_K.
+  static void unpack(const uint8_t* blk, uint8_t u[256], int8_t sc[16], uint16_t* d) {
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    for (int h = 0; h < 2; ++h) {
+      for (int l = 0; l < 32; ++l) {
+        const uint8_t lo0 = ql[h * 64 + l], lo1 = ql[h * 64 + 32 + l], hb = qh[h * 32 + l];
+        u[h * 128 + l] = static_cast<uint8_t>((lo0 & 15) | ((hb & 3) << 4));
+        u[h * 128 + 32 + l] = static_cast<uint8_t>((lo1 & 15) | (((hb >> 2) & 3) << 4));
+        u[h * 128 + 64 + l] = static_cast<uint8_t>((lo0 >> 4) | (((hb >> 4) & 3) << 4));
+        u[h * 128 + 96 + l] = static_cast<uint8_t>((lo1 >> 4) | (((hb >> 6) & 3) << 4));
+      }
+    }
+    std::memcpy(sc, blk + 192, 16);
+    std::memcpy(d, blk + 208, 2);
+  }
+
+  static void pack_tile(const uint8_t* rows, int64_t row_stride, int64_t nrows, int64_t nb, uint8_t* tile) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* o = tile + b * kTileBlockBytes;
+      uint16_t d[kTileRows] = {};
+      int8_t sc[kTileRows][16] = {};
+      uint8_t u[kTileRows][256];
+      std::memset(u, 32, sizeof(u));  // padding rows: every weight 0
+      for (int64_t r = 0; r < nrows; ++r) unpack(rows + r * row_stride + b * kBlockBytes, u[r], sc[r], &d[r]);
+      std::memcpy(o, d, sizeof(d));
+      for (int sub = 0; sub < 16; ++sub)
+        for (int64_t r = 0; r < kTileRows; ++r) o[kScOff + sub * kTileRows + r] = static_cast<uint8_t>(sc[r][sub]);
+      for (int c = 0; c < 8; ++c) {
+        uint8_t* lo = o + kLoOff + 128 * c;
+        uint8_t* hi = o + kHiOff + 64 * c;
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const uint8_t* ur = u[r] + 32 * c;
+          for (int g = 0; g < 4; ++g)
+            for (int i = 0; i < 4; ++i) lo[(g * kTileRows + r) * 4 + i] = static_cast<uint8_t>((ur[4 * g + i] & 15) | ((ur[16 + 4 * g + i] & 15) << 4));
+          for (int h = 0; h < 2; ++h)
+            for (int i = 0; i < 4; ++i) {
+              uint8_t v = 0;
+              for (int g = 0; g < 4; ++g) v = static_cast<uint8_t>(v | ((ur[16 * h + 4 * g + i] >> 4) << (2 * g)));
+              hi[h * 32 + r * 4 + i] = v;
+            }
+        }
+      }
+    }
+  }
+
+  static int u_at(const uint8_t* o, int64_t r, int e) {
+    const int c = e / 32, w = e % 32, h = w / 16, g = (w % 16) / 4, i = w % 4;
+    const uint8_t lo = o[kLoOff + 128 * c + (g * kTileRows + r) * 4 + i];
+    const uint8_t hi = o[kHiOff + 64 * c + h * 32 + r * 4 + i];
+    return ((h == 0 ? lo : lo >> 4) & 15) | (((hi >> (2 * g)) & 3) << 4);
+  }
+
+  // gguf's dequantize: (d * sc) in fp32, times (u - 32).
+  static void dequant_row(const uint8_t* tile, int64_t r, int64_t nb, float* out) {
+    for (int64_t b = 0; b < nb; ++b, out += 256) {
+      const uint8_t* o = tile + b * kTileBlockBytes;
+      uint16_t bits;
+      std::memcpy(&bits, o + 2 * r, 2);
+      const float d = half_to_float(bits);
+      for (int e = 0; e < 256; ++e) {
+        const float dsc = d * static_cast<float>(static_cast<int8_t>(o[kScOff + (e / 16) * kTileRows + r]));
+        out[e] = dsc * static_cast<float>(u_at(o, r, e) - 32);
+      }
+    }
+  }
+
+#if defined(PYSERVE_QUANT_VNNI)
+  static constexpr int64_t kUnitTiles = 2;
+
+  template <int R>
+  static void tiles2(const Q8Rows& a, int64_t i0, const uint8_t* ta, const uint8_t* tb, float* res) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
+    auto halves32 = [](const uint8_t* x, const uint8_t* y) {
+      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
+    };
+    auto scales16 = [](const uint8_t* x, const uint8_t* y) {  // 8 int8 of each tile -> 16 int32
+      return _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
+                                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
+    };
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const uint8_t* pa = ta + b * kTileBlockBytes;
+      const uint8_t* pb = tb + b * kTileBlockBytes;
+      const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pa))),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)), 1));
+      __m512i isum[R];
+      for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
+      for (int c = 0; c < 8; ++c) {
+        const __m512i h0 = halves32(pa + kHiOff + 64 * c, pb + kHiOff + 64 * c);
+        const __m512i h1 = halves32(pa + kHiOff + 64 * c + 32, pb + kHiOff + 64 * c + 32);
+        __m512i wl[4], wh[4];
+        for (int g = 0; g < 4; ++g) {
+          const __m512i raw = halves32(pa + kLoOff + 128 * c + 32 * g, pb + kLoOff + 128 * c + 32 * g);
+          const __m512i b0 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h0, 2 * g), low2), 4);
+          const __m512i b1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h1, 2 * g), low2), 4);
+          wl[g] = _mm512_or_si512(_mm512_and_si512(raw, low4), b0);
+          wh[g] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), b1);
+        }
+        const __m512i sc0 = scales16(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+        const __m512i sc1 = scales16(pa + kScOff + 16 * c + 8, pb + kScOff + 16 * c + 8);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = a.row_q(i0 + r) + 256 * b + 32 * c;
+          const int32_t* s = a.row_s(i0 + r) + 16 * b + 2 * c;
+          __m512i d0 = _mm512_set1_epi32(-32 * s[0]), d1 = _mm512_set1_epi32(-32 * s[1]);
+          for (int g = 0; g < 4; ++g) {
+            d0 = _mm512_dpbusd_epi32(d0, wl[g], _mm512_set1_epi32(load_i32(q + 4 * g)));
+            d1 = _mm512_dpbusd_epi32(d1, wh[g], _mm512_set1_epi32(load_i32(q + 16 + 4 * g)));
+          }
+          isum[r] = _mm512_add_epi32(isum[r], _mm512_add_epi32(_mm512_mullo_epi32(d0, sc0), _mm512_mullo_epi32(d1, sc1)));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float da = a.row_d(i0 + r)[b];
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(da)), _mm512_cvtepi32_ps(isum[r]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(res + 16 * r, acc[r]);
+  }
+
+  template <int R>
+  static void unit(const Q8Rows& a, int64_t i0, const uint8_t* t, int64_t tile_bytes, bool pair, float* res) {
+    tiles2<R>(a, i0, t, pair ? t + tile_bytes : t, res);
+  }
+#else
+  static constexpr int64_t kUnitTiles = 1;
+
+  template <int R>
+  static void unit(const Q8Rows& a, int64_t i0, const uint8_t* t, int64_t, bool, float* res) {
+#if defined(PYSERVE_QUANT_AVX2)
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), ones16 = _mm256_set1_epi16(1);
+    auto ld = [](const uint8_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); };
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const uint8_t* p = t + b * kTileBlockBytes;
+      const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      __m256i isum[R];
+      for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i h0 = ld(p + kHiOff + 64 * c), h1 = ld(p + kHiOff + 64 * c + 32);
+        __m256i wl[4], wh[4];
+        for (int g = 0; g < 4; ++g) {
+          const __m256i raw = ld(p + kLoOff + 128 * c + 32 * g);
+          const __m256i b0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h0, 2 * g), low2), 4);
+          const __m256i b1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h1, 2 * g), low2), 4);
+          wl[g] = _mm256_or_si256(_mm256_and_si256(raw, low4), b0);
+          wh[g] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), b1);
+        }
+        const __m256i sc0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kScOff + 16 * c)));
+        const __m256i sc1 =
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kScOff + 16 * c + 8)));
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = a.row_q(i0 + r) + 256 * b + 32 * c;
+          const int32_t* s = a.row_s(i0 + r) + 16 * b + 2 * c;
+          // u <= 63: 63 * 127 * 2 per int16 pair, widened to int32 per group.
+          __m256i d0 = _mm256_set1_epi32(-32 * s[0]), d1 = _mm256_set1_epi32(-32 * s[1]);
+          for (int g = 0; g < 4; ++g) {
+            d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_maddubs_epi16(wl[g], _mm256_set1_epi32(load_i32(q + 4 * g))), ones16));
+            d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_maddubs_epi16(wh[g], _mm256_set1_epi32(load_i32(q + 16 + 4 * g))), ones16));
+          }
+          isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(_mm256_mullo_epi32(d0, sc0), _mm256_mullo_epi32(d1, sc1)));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const float da = a.row_d(i0 + r)[b];
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(da)), _mm256_cvtepi32_ps(isum[r]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(res + 8 * r, acc[r]);
+#else
+    float acc[R][kTileRows] = {};
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const uint8_t* p = t + b * kTileBlockBytes;
+      for (int64_t col = 0; col < kTileRows; ++col) {
+        uint16_t bits;
+        std::memcpy(&bits, p + 2 * col, 2);
+        const float dw = half_to_float(bits);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* q = a.row_q(i0 + r) + 256 * b;
+          const int32_t* s = a.row_s(i0 + r) + 16 * b;
+          int32_t isum = 0;
+          for (int sub = 0; sub < 16; ++sub) {
+            int32_t dot = -32 * s[sub];
+            for (int e = 16 * sub; e < 16 * sub + 16; ++e) dot += u_at(p, col, e) * q[e];
+            isum += static_cast<int8_t>(p[kScOff + sub * kTileRows + col]) * dot;
+          }
+          acc[r][col] = std::fma(dw * a.row_d(i0 + r)[b], static_cast<float>(isum), acc[r][col]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) std::memcpy(res + kTileRows * r, acc[r], sizeof(acc[r]));
+#endif
+  }
+#endif
+};
+
+}  // namespace
+
+const QuantFormat& q6_k_format() {
+  static const QuantFormat f{14, "Q6_K", 256, kBlockBytes, Q6K::kTileBlockBytes, &Q6K::pack_tile, &Q6K::dequant_row,
+                             nullptr, &run_linear<Q6K>};
+  return f;
+}
+
+}  // namespace pyserve::cpu::quant
