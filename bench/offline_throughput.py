@@ -1,12 +1,12 @@
 """Offline throughput: pyserve `LLM.generate` vs transformers `generate`.
 
-The default model (SmolLM2-135M-Instruct, GGUF dequantized to fp32) on the
-CPU, the same 64 prompts for both, 128 new tokens each (EOS ignored, greedy),
+The default model (SmolLM2-135M-Instruct: its Q4_1/Q8_0 blocks on our quantized kernels, or with
+--quantization none dequantized to fp32) on the CPU, the same 64 prompts for both, 128 new tokens each (EOS ignored, greedy),
 in the same run. transformers gets the whole batch at once with left padding
 and its KV cache; pyserve gets the same token ids. Prints output tokens per
 second for both, their ratio, and a JSON line.
 
-    python bench/offline_throughput.py [--num-prompts 64] [--max-tokens 128] [--skip-transformers]
+    python bench/offline_throughput.py [--num-prompts 64] [--max-tokens 128] [--skip-transformers] [--quantization none]
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--quantization", default=None, choices=("none",),
+                    help="none: pyserve runs the GGUF dequantized to fp32 (default: its own block formats)")
     a = ap.parse_args()
 
     from pyserve.llm import LLM
     from pyserve.sampling_params import SamplingParams
 
-    llm = LLM(None, max_num_seqs=a.num_prompts, kv_cache_memory=2.0)
+    llm = LLM(None, max_num_seqs=a.num_prompts, kv_cache_memory=2.0, quantization=a.quantization)
     tok = llm.tokenizer
     chats = [[{"role": "user", "content": p}] for p in make_prompts(a.num_prompts)]
     from pyserve.engine.chat_template import render_chat
@@ -54,7 +56,8 @@ def main() -> None:
     outs = llm.generate(ids, params)
     ours_s = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    result = {"bench": "offline_throughput", "num_prompts": a.num_prompts, "max_tokens": a.max_tokens,
+    result = {"bench": "offline_throughput", "quantization": a.quantization or "gguf", "num_prompts": a.num_prompts,
+              "max_tokens": a.max_tokens,
               "threads": torch.get_num_threads(), "pyserve_s": ours_s, "pyserve_tok_s": n_out / ours_s}
     print(f"pyserve LLM.generate:       {n_out} tokens in {ours_s:.2f} s = {n_out / ours_s:.1f} tok/s")
 
