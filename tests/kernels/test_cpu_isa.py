@@ -1,6 +1,7 @@
 """The CPU kernels' ISA variants (cmake/cpu_isa.cmake, csrc/cpu/cpu_features.h): each variant this
-CPU runs agrees with the PyTorch references, PYSERVE_CPU_ISA picks one or fails the import with the
-reason, and no code outside the variants holds a vector instruction."""
+CPU runs agrees with the PyTorch references, the quantized ops give the same bits under every
+variant, PYSERVE_CPU_ISA picks one or fails the import with the reason, and no code outside the
+variants holds a vector instruction."""
 
 import os
 import platform
@@ -11,12 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pyserve
+from pyserve import _ops
 from pyserve._ops import _C
+from tests.kernels.quant_reference import QTYPES, QUANTIZABLE, weight_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ["scalar", "avx2", "avx512", "avx512_vnni"]  # each runs everything the ones before it can
+QUANT_NAMES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
 INFO = pyserve.build_info()
 RUNNABLE = [v for v in INFO["cpu_isa_variants"] if VARIANTS.index(v) <= VARIANTS.index(INFO["cpu_isa_best"])]
 LACKING = [v for v in INFO["cpu_isa_variants"] if v not in RUNNABLE]
@@ -24,8 +29,9 @@ LACKING = [v for v in INFO["cpu_isa_variants"] if v not in RUNNABLE]
 # The suite runs every kernel test under the active variant (the widest, unless PYSERVE_CPU_ISA says
 # otherwise). Under each other variant this CPU runs, a subprocess reruns these cases: every op of
 # the per-variant sources in every dtype, row lengths on and off the vector width, head dims 80 to
-# 256, windows and soft-caps, the sampling filters and top logprobs. About 7 s per variant (3 s of it
-# the interpreter and torch); an id that no longer exists fails the run.
+# 256, windows and soft-caps, the sampling filters and top logprobs, the quantized matmul of each
+# format (its non-finite rows, its batch invariance). About 11-16 s per variant (3 s of it the
+# interpreter and torch); an id that no longer exists fails the run.
 SUBSET = {
     "test_build_info.py": ["test_active_variant_is_pyserve_cpu_isa_or_the_widest"],
     "test_layer_ops.py": [
@@ -55,6 +61,12 @@ SUBSET = {
         "test_matches_reference_mixed_rows[1003-dtype2-cpu]", "test_matches_reference_large_vocab[0-0.9-cpu]",
         "test_all_logprobs[cpu]", "test_matches_reference_ties[cpu]",
     ],
+    "test_quant_ops.py": [
+        *(f"test_quant_linear_matches_dequantized_matmul[True-5-64-1536-{t}]" for t in QUANT_NAMES),
+        *(f"test_non_finite_activations_reach_the_output[{t}]" for t in QUANT_NAMES),
+        *(f"test_results_do_not_depend_on_the_batch[{t}]" for t in QUANT_NAMES),
+        "test_quantize_rows_is_bit_identical_to_gguf[Q4_0]", "test_dequant_rows_is_bit_identical_to_gguf[13-576-Q6_K]",
+    ],
 }
 NODE_IDS = [f"tests/kernels/{file}::{case}" for file, cases in SUBSET.items() for case in cases]
 
@@ -71,6 +83,43 @@ def test_kernels_agree_with_the_references_under(isa):
     r = run_python(isa, "-m", "pytest", "-q", "-p", "no:cacheprovider", *NODE_IDS)
     assert r.returncode == 0, f"PYSERVE_CPU_ISA={isa}:\n{r.stdout[-8000:]}\n{r.stderr[-2000:]}"
     assert f"{len(NODE_IDS)} passed" in r.stdout, r.stdout[-2000:]
+
+
+def quant_outputs() -> dict:
+    """Every quantized op of every format on fixed inputs, under this process's variant. Shapes: a
+    partial last tile (13 rows), an odd number of tiles (200: AVX-512 VNNI's lone last tile), the
+    K-quants' 256-blocks; 37 activation rows (whole and partial groups of 4) and a single row."""
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for t in sorted(QTYPES):
+        for n, k in ((13, 512), (200, 1536), (64, 256)):
+            packed = _ops.quant_pack(weight_blocks(n, k, t, t), t, k)
+            x = torch.randn(37, k, generator=g) * 3
+            out[f"pack/{t}/{n}x{k}"] = packed
+            out[f"linear/{t}/{n}x{k}"] = _ops.quant_linear(x, packed, t, n, k, torch.randn(n, generator=g))
+            out[f"linear1/{t}/{n}x{k}"] = _ops.quant_linear(x[5:6], packed, t, n, k)
+            out[f"dequant/{t}/{n}x{k}"] = _ops.quant_dequant_rows(packed, torch.arange(n), t, n, k)
+            if t in QUANTIZABLE:
+                out[f"quantize/{t}/{n}x{k}"] = _ops.quantize_rows(x, t)
+    return out
+
+
+# The quantized kernels' paths (csrc/cpu/quant/simd.h: vpdpbusd, maddubs, scalar) order their fp32
+# math alike, so every variant must give the same bits as the active one, packed layout included.
+# (The outputs of .ci/check_quant_isa.py, which built once per ISA; about 5 s per variant.)
+@pytest.mark.parametrize("isa", [v for v in RUNNABLE if v != INFO["cpu_isa"]])
+def test_quant_ops_give_the_same_bits_under(isa, tmp_path):
+    dump = tmp_path / "quant_outputs.pt"
+    r = run_python(isa, "-c", "import sys, torch; from tests.kernels.test_cpu_isa import INFO, quant_outputs; "
+                              "torch.save({'isa': INFO['cpu_isa'], **quant_outputs()}, sys.argv[1])", str(dump))
+    assert r.returncode == 0, f"PYSERVE_CPU_ISA={isa}:\n{r.stderr[-4000:]}"
+    theirs = torch.load(dump)
+    assert theirs.pop("isa") == isa
+    ours = quant_outputs()
+    assert theirs.keys() == ours.keys()
+    differ = [f"{key}: max |diff| {(theirs[key].double() - want.double()).abs().max().item():g}"
+              for key, want in ours.items() if not torch.equal(theirs[key], want)]
+    assert not differ, f"{isa} vs {INFO['cpu_isa']}:\n" + "\n".join(differ)
 
 
 def test_every_variant_of_this_build_is_known():
@@ -232,3 +281,8 @@ def test_only_the_variants_hold_vector_instructions():
     # The check sees vector code where there is some: every SIMD variant's kernels have it.
     for variant in ("avx2", "avx512", "avx512_vnni"):
         assert any(f"pyserve::cpu::{variant}::" in names[a] and levels[a] for a in names), variant
+    # The quantized kernels: vpdpbusd in the avx512_vnni variant (csrc/cpu/quant/simd.h), the AVX2
+    # path in avx2 and avx512 (nothing above their level, checked above).
+    assert any("pyserve::cpu::avx512_vnni::quant::" in names[a] and levels[a] == 3 for a in names)
+    for variant in ("avx2", "avx512"):
+        assert any(f"pyserve::cpu::{variant}::quant::" in names[a] and levels[a] >= 1 for a in names), variant
