@@ -7,6 +7,9 @@ PYSERVE_TARGET_DEVICE picks what is compiled:
   unset CUDA only when torch is a CUDA build, nvcc exists and a GPU is
         visible, so a CPU-only machine does not spend minutes in nvcc.
 TORCH_CUDA_ARCH_LIST overrides the CUDA architectures (default 8.0;8.6;8.9;9.0).
+
+The package's dependencies are written here rather than in pyproject.toml
+because torch's is pinned to the torch this build compiles against.
 """
 
 import os
@@ -19,6 +22,20 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+RUNTIME_DEPS = ["numpy", "safetensors", "tokenizers", "jinja2", "sanic", "orjson", "prometheus-client"]
+
+
+def torch_requirement() -> str:
+    """torch==X.Y.Z, the torch importable now, which is the one the extension compiles against.
+
+    _C links libtorch's C++ API, which is not stable across releases, so another torch
+    (a later `pip install` that upgrades it) breaks `import pyserve._C`; vLLM pins the same way.
+    The local part (+cu130, +cpu) is left off, as vLLM does: `==X.Y.Z` accepts every build of the
+    release, and which one (CUDA version, CPU only) is the user's choice of index.
+    """
+    import torch
+
+    return "torch==" + torch.__version__.split("+")[0]
 
 
 def find_nvcc() -> Path | None:
@@ -81,6 +98,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
+    install_requires=[torch_requirement(), *RUNTIME_DEPS],
     ext_modules=[CMakeExtension("pyserve._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

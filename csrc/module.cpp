@@ -4,7 +4,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+
 #include "block_allocator.h"
+#include "cpu/cpu_features.h"
 
 namespace py = pybind11;
 
@@ -12,7 +15,13 @@ namespace {
 
 py::dict build_info() {
   py::dict info;
-  info["cpu_isa"] = PYSERVE_CPU_ISA;
+  // The CPU kernel variant in use (cpu/cpu_features.h), the ones compiled in
+  // and the widest this CPU runs.
+  info["cpu_isa"] = pyserve::cpu::isa_name(pyserve::cpu::active_isa());
+  py::list variants;
+  for (pyserve::cpu::Isa isa : pyserve::cpu::compiled_isas()) variants.append(pyserve::cpu::isa_name(isa));
+  info["cpu_isa_variants"] = variants;
+  info["cpu_isa_best"] = pyserve::cpu::isa_name(pyserve::cpu::best_isa());
   info["torch_version"] = PYSERVE_TORCH_VERSION;
 #ifdef PYSERVE_WITH_CUDA
   info["cuda"] = true;
@@ -35,10 +44,27 @@ py::dict build_info() {
   return info;
 }
 
+// For tests: resolve_isa() for a CPU other than this one ("avx2" = a CPU
+// whose widest variant is avx2). Returns the variant's name or raises
+// RuntimeError with the message an import would give.
+std::string resolve_cpu_isa(const std::string& requested, const std::string& best) {
+  for (pyserve::cpu::Isa isa : {pyserve::cpu::Isa::scalar, pyserve::cpu::Isa::avx2, pyserve::cpu::Isa::avx512,
+                                pyserve::cpu::Isa::avx512_vnni}) {
+    if (best == pyserve::cpu::isa_name(isa)) return pyserve::cpu::isa_name(pyserve::cpu::resolve_isa(requested, isa));
+  }
+  throw py::value_error("best must be a variant name, got '" + best + "'");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyserve kernels: paged attention, KV-cache ops, sampling, block allocation";
-  m.def("build_info", &build_info, "What this extension was compiled with (CPU ISA, CUDA and its archs).");
+  // Decide the CPU kernel variant now: a bad PYSERVE_CPU_ISA (unknown, or
+  // more than this CPU runs) is an ImportError with active_isa()'s message,
+  // not an error at the first op.
+  pyserve::cpu::active_isa();
+  m.def("build_info", &build_info, "What this extension was compiled with (CPU ISA variants and the active one, CUDA and its archs).");
+  m.def("_resolve_cpu_isa", &resolve_cpu_isa, py::arg("requested"), py::arg("best"),
+        "Test hook: the CPU kernel variant PYSERVE_CPU_ISA=requested selects on a CPU whose widest is best.");
   pyserve::bind_block_allocator(m);
 }

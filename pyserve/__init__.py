@@ -10,7 +10,9 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict:
-    """What the loaded extension was compiled with: CPU ISA, CUDA and its archs."""
+    """What the loaded extension was compiled with and runs: cpu_isa (the CPU kernel variant in use),
+    cpu_isa_variants (those compiled in), cpu_isa_best (the widest this CPU runs), torch_version,
+    cuda, cuda_version, cuda_archs."""
     from pyserve._ops import _C
 
     return dict(_C.build_info())

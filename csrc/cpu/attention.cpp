@@ -27,7 +27,7 @@
 #include "ops.h"
 #include "validate.h"
 
-namespace pyserve::cpu {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY {
 namespace {
 
 // Rows (query token x query head) handled by one work item.
@@ -244,4 +244,4 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   return out;
 }
 
-}  // namespace pyserve::cpu
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY

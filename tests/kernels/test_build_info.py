@@ -1,6 +1,7 @@
 """The extension says what it was built with."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,10 +12,17 @@ import pyserve
 
 def test_build_info_describes_the_build():
     info = pyserve.build_info()
-    assert info["cpu_isa"] in ("avx2", "avx512", "avx512_vnni", "scalar")
+    assert "scalar" in info["cpu_isa_variants"]
+    assert info["cpu_isa"] in info["cpu_isa_variants"] and info["cpu_isa_best"] in info["cpu_isa_variants"]
     assert info["torch_version"] == torch.__version__.split("+")[0] or info["torch_version"] == torch.__version__
     assert isinstance(info["cuda"], bool)
     assert bool(info["cuda_archs"]) == info["cuda"]
+
+
+def test_active_variant_is_pyserve_cpu_isa_or_the_widest():
+    # Also run by tests/kernels/test_cpu_isa.py under each PYSERVE_CPU_ISA this CPU supports.
+    info = pyserve.build_info()
+    assert info["cpu_isa"] == (os.environ.get("PYSERVE_CPU_ISA") or info["cpu_isa_best"])
 
 
 def test_env_module_prints_json():

@@ -13,7 +13,7 @@
 
 #include "cpu/quant/simd.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 namespace {
 
 // One row: k values in blocks of `block`; s gets one sum per `group` values.
@@ -107,4 +107,4 @@ Q8Rows quantize_rows_q8(const float* x, int64_t ldx, int64_t m, int64_t k, int64
   return r;
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

@@ -7,10 +7,14 @@
 // K-quants' sub-blocks).
 #pragma once
 
+#ifndef PYSERVE_CPU_CAPABILITY
+#error "csrc/cpu/quant/ is compiled once per CPU ISA variant (PYSERVE_CPU_KERNEL_SOURCES, cmake/cpu_isa.cmake); baseline code reaches it through csrc/quant_ops.h"
+#endif
+
 #include <cstdint>
 #include <memory>
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 struct Q8Rows {
   int64_t m = 0, k = 0, nb = 0, block = 32, group = 32;
@@ -27,4 +31,4 @@ struct Q8Rows {
 // block a multiple of 32; group 16 or 32), rows split over threads.
 Q8Rows quantize_rows_q8(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t block, int64_t group);
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

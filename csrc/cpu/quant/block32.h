@@ -48,7 +48,7 @@
 #include "cpu/quant/format.h"
 #include "cpu/quant/simd.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 inline uint16_t float_to_half(float x) { return c10::Half(x).x; }
@@ -281,10 +281,10 @@ struct Block32 {
 };
 
 template <class F>
-QuantFormat make_block32_format() {
+constexpr QuantFormat make_block32_format() {
   using B = Block32<F>;
   return QuantFormat{F::kType, F::kName, 32, F::kBlockBytes, B::kTileBlockBytes, &B::pack_tile, &B::dequant_row,
                      &B::quantize_row, &run_linear<B>};
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

@@ -24,7 +24,7 @@
 #include "cpu/quant/activations.h"
 #include "cpu/quant/format.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 constexpr int kMaxRows = 4;  // activation rows per kernel call: each unpacked weight block serves 4 rows
 
@@ -77,4 +77,4 @@ void run_linear(const float* x, int64_t ldx, int64_t m, const uint8_t* packed, i
   });
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

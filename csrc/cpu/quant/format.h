@@ -2,19 +2,27 @@
 // block format. Each format is one file (q8_0.cpp, q4_0.cpp, ...) that fills a
 // QuantFormat; formats.cpp lists them. The ops only see this table, so a new
 // format (the K-quants: their own activation blocks, their own kernel) plugs in
-// without touching the ops.
+// without touching the ops. Each ISA variant has its own tables (this code is
+// compiled once per variant), built at compile time (constexpr): variant code
+// may not initialize anything at import (cmake/cpu_isa.cmake).
 //
-// Packed layout, common to every format: the out_features GGUF rows are cut
-// into tiles of kTileRows rows (the last one padded with zero blocks); a tile
+// Packed layout, common to every format and to every ISA variant (the VNNI
+// kernel reads two neighbouring tiles at once, the others one; a weight packed
+// under one variant runs under any): the out_features GGUF rows are cut into
+// tiles of kTileRows rows (the last one padded with zero blocks); a tile
 // stores, block after block, kTileRows rows' worth of one block in whatever
 // interleaved order the format's kernel reads fastest. A tile is
 // nb * tile_block_bytes bytes and tiles follow each other, so the packed weight
 // is ceil(out_features / kTileRows) * nb * tile_block_bytes bytes.
 #pragma once
 
+#ifndef PYSERVE_CPU_CAPABILITY
+#error "csrc/cpu/quant/ is compiled once per CPU ISA variant (PYSERVE_CPU_KERNEL_SOURCES, cmake/cpu_isa.cmake); baseline code reaches it through csrc/quant_ops.h"
+#endif
+
 #include <cstdint>
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 // Output columns computed together: one 8-lane fp32 vector per tile.
 constexpr int64_t kTileRows = 8;
@@ -57,4 +65,4 @@ inline int64_t packed_bytes(const QuantFormat& f, int64_t out_features, int64_t 
   return tiles * (in_features / f.block_elems) * f.tile_block_bytes;
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

@@ -3,7 +3,7 @@
 // and its sizes in pyserve/_ops.py's QUANT_FORMATS, which the fake kernels use).
 #include "cpu/quant/format.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 const QuantFormat& q8_0_format();
 const QuantFormat& q4_0_format();
@@ -27,4 +27,4 @@ const QuantFormat* find_format(int64_t ggml_type) {
 
 const char* supported_formats() { return "Q8_0 (8), Q4_0 (2), Q4_1 (3), Q4_K (12), Q5_K (13), Q6_K (14)"; }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

@@ -10,7 +10,7 @@
 
 #include "cpu/quant/format.h"
 
-namespace pyserve::cpu {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY {
 namespace {
 
 using quant::QuantFormat;
@@ -161,4 +161,4 @@ at::Tensor quantize_rows(const at::Tensor& w, int64_t ggml_type) {
   return out;
 }
 
-}  // namespace pyserve::cpu
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY

@@ -21,7 +21,7 @@
 #include "cpu/quant/block32.h"
 #include "cpu/quant/driver.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 namespace {
 
 constexpr int64_t kScOff = 32, kMnOff = 96, kLoOff = 160, kHiOff = 1184;
@@ -271,7 +271,7 @@ struct QK45 {
   }
 #endif
 
-  static QuantFormat format(int64_t type, const char* name) {
+  static constexpr QuantFormat format(int64_t type, const char* name) {
     return QuantFormat{type, name, 256, kBlockBytes, kTileBlockBytes, &pack_tile, &dequant_row, nullptr,
                        &run_linear<QK45>};
   }
@@ -280,13 +280,13 @@ struct QK45 {
 }  // namespace
 
 const QuantFormat& q4_k_format() {
-  static const QuantFormat f = QK45<false>::format(12, "Q4_K");
+  static constexpr QuantFormat f = QK45<false>::format(12, "Q4_K");
   return f;
 }
 
 const QuantFormat& q5_k_format() {
-  static const QuantFormat f = QK45<true>::format(13, "Q5_K");
+  static constexpr QuantFormat f = QK45<true>::format(13, "Q5_K");
   return f;
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

@@ -6,7 +6,7 @@
 
 #include "cpu/quant/block32.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 namespace {
 
 struct Q4_0 {
@@ -50,8 +50,8 @@ struct Q4_0 {
 }  // namespace
 
 const QuantFormat& q4_0_format() {
-  static const QuantFormat f = make_block32_format<Q4_0>();
+  static constexpr QuantFormat f = make_block32_format<Q4_0>();
   return f;
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

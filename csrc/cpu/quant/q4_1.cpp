@@ -6,7 +6,7 @@
 
 #include "cpu/quant/block32.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 namespace {
 
 struct Q4_1 {
@@ -49,8 +49,8 @@ struct Q4_1 {
 }  // namespace
 
 const QuantFormat& q4_1_format() {
-  static const QuantFormat f = make_block32_format<Q4_1>();
+  static constexpr QuantFormat f = make_block32_format<Q4_1>();
   return f;
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

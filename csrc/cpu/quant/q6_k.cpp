@@ -23,7 +23,7 @@
 #include "cpu/quant/block32.h"
 #include "cpu/quant/driver.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 namespace {
 
 constexpr int64_t kBlockBytes = 210;  // ql[128], qh[64], int8 scales[16], fp16 d
@@ -237,9 +237,9 @@ struct Q6K {
 }  // namespace
 
 const QuantFormat& q6_k_format() {
-  static const QuantFormat f{14, "Q6_K", 256, kBlockBytes, Q6K::kTileBlockBytes, &Q6K::pack_tile, &Q6K::dequant_row,
-                             nullptr, &run_linear<Q6K>};
+  static constexpr QuantFormat f{14, "Q6_K", 256, kBlockBytes, Q6K::kTileBlockBytes, &Q6K::pack_tile,
+                                 &Q6K::dequant_row, nullptr, &run_linear<Q6K>};
   return f;
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

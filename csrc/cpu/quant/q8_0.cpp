@@ -7,7 +7,7 @@
 
 #include "cpu/quant/block32.h"
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 namespace {
 
 struct Q8_0 {
@@ -38,8 +38,8 @@ struct Q8_0 {
 }  // namespace
 
 const QuantFormat& q8_0_format() {
-  static const QuantFormat f = make_block32_format<Q8_0>();
+  static constexpr QuantFormat f = make_block32_format<Q8_0>();
   return f;
 }
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant

@@ -1,12 +1,19 @@
-// Which int8 dot-product path the quantized kernels of this build use, chosen
-// at compile time (the isa-dispatch build compiles these files once per ISA):
+// Which int8 dot-product path the quantized kernels take, chosen by the ISA
+// variant this file is being compiled for (cmake/cpu_isa.cmake compiles
+// csrc/cpu/quant/ once per variant; the active one runs):
 //   PYSERVE_QUANT_VNNI  AVX-512 VNNI: vpdpbusd on 512-bit vectors (two tiles)
-//   PYSERVE_QUANT_AVX2  AVX2: vpmaddubsw + vpmaddwd on 256-bit vectors (one tile)
-//   neither             portable scalar C++
+//                       -- the avx512_vnni variant
+//   PYSERVE_QUANT_AVX2  AVX2: vpmaddubsw + vpmaddwd on 256-bit vectors (one
+//                       tile) -- the avx2 and avx512 variants
+//   neither             portable scalar C++ -- the scalar variant
 // Every path computes the same integers and the same fp32 operations in the
-// same order, so their results are bit-identical (tests/kernels/test_quant_ops.py
-// compares the builds).
+// same order, so their results are bit-identical (tests/kernels/test_cpu_isa.py
+// compares the variants).
 #pragma once
+
+#ifndef PYSERVE_CPU_CAPABILITY
+#error "csrc/cpu/quant/ is compiled once per CPU ISA variant (PYSERVE_CPU_KERNEL_SOURCES, cmake/cpu_isa.cmake); baseline code reaches it through csrc/quant_ops.h"
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -22,7 +29,7 @@
 #include <immintrin.h>
 #endif
 
-namespace pyserve::cpu::quant {
+namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 inline int32_t load_i32(const void* p) {
   int32_t v;
@@ -46,4 +53,4 @@ inline int32_t hsum8_epi32(__m256i v) {
 }
 #endif
 
-}  // namespace pyserve::cpu::quant
+}  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant
