@@ -53,6 +53,7 @@ bench: setup
 	$(PY) bench/kernels/bench_attention.py
 	$(PY) bench/kernels/bench_sampling.py
 	$(PY) bench/kernels/bench_linear.py
+	$(PY) bench/kernels/bench_quant_linear.py
 	$(PY) bench/load_gguf.py
 	$(PY) bench/offline_throughput.py
 
