@@ -55,9 +55,9 @@ def _missing_names(name: str, slot: Weight, sources: dict[tuple[str, str], str])
     the model packs into it, or the weight itself where the checkpoint stores it fused (Phi-3)."""
     missing = slot.missing()
     named = [None if shard is None else _source(name, shard, sources) for shard in missing]
-    if None in named and not slot.loaded:
+    if None in named and not getattr(slot, "loaded", True):  # (an expert's slot reports per shard)
         return [name] if missing else []
-    return [n or f"{name} (shard {shard})" for n, shard in zip(named, missing)]
+    return [n or (name if shard is None else f"{name} (shard {shard})") for n, shard in zip(named, missing)]
 
 
 def _listed(names: list[str]) -> str:
