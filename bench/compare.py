@@ -8,7 +8,8 @@ model, SmolLM2-135M-Instruct Q4_1, unless --gguf), the same prompts (bench/serve
   llama-server       llama.cpp's C++ server, `-np c -t 2 -c c*(longest prompt + max_tokens + 32)`, continuous
                      batching (its default); built from the llama.cpp sources vendored in the PyPI sdist of
                      llama-cpp-python and cached in ~/.cache/pyserve-bench/llama.cpp/<version>/ (about 10
-                     minutes on 2 cores, once: `ensure_llama_server()`)
+                     minutes on 2 cores, once, with llama-perplexity and
+                     llama-quantize: `ensure_llama_tool()`)
   llama-cpp-python   its OpenAI server, `python -m llama_cpp.server --n_threads 2 --interrupt_requests False`,
                      from a separate venv ~/.cache/pyserve-bench/venv-llama-cpp-python (built once, same sdist:
                      `ensure_llama_cpp_python()`); it has no `ignore_eos`, so EOS is banned with `logit_bias`
@@ -93,16 +94,21 @@ def _sdist_version(sdist: Path) -> str:
     return sdist.name[len("llama_cpp_python-"):-len(".tar.gz")]
 
 
-def ensure_llama_server(version: str | None = None) -> Path:
-    """CACHE/llama.cpp/<llama-cpp-python version>/llama-server; built from the sdist's vendored llama.cpp
-    with CMake (Release, GGML_NATIVE, static, no UI, no network) if missing: about 10 minutes on 2 cores."""
-    env_bin = os.environ.get("PYSERVE_BENCH_LLAMA_SERVER")
+LLAMA_TOOLS = ("llama-server", "llama-perplexity", "llama-quantize")
+
+
+def ensure_llama_tool(tool: str = "llama-server", version: str | None = None) -> Path:
+    """CACHE/llama.cpp/<llama-cpp-python version>/<tool>, one of LLAMA_TOOLS; built together from the sdist's
+    vendored llama.cpp with CMake (Release, GGML_NATIVE, static, no UI, no network) if missing: about 10-15
+    minutes on 2 cores. PYSERVE_BENCH_LLAMA_SERVER (or _PERPLEXITY, _QUANTIZE) points at another binary."""
+    assert tool in LLAMA_TOOLS, tool
+    env_bin = os.environ.get("PYSERVE_BENCH_" + tool.upper().replace("-", "_"))
     if env_bin:
         return Path(env_bin)
     root = CACHE / "llama.cpp"
-    built = sorted(root.glob(f"{version or '*'}/llama-server"))
+    built = sorted(d for d in root.glob(version or "*") if all((d / t).exists() for t in LLAMA_TOOLS))
     if built:
-        return built[-1]
+        return built[-1] / tool
     sdist = _sdist(version)
     ver = _sdist_version(sdist)
     work = CACHE / "src" / f"llama_cpp_python-{ver}"
@@ -110,20 +116,25 @@ def ensure_llama_server(version: str | None = None) -> Path:
         with tarfile.open(sdist) as t:
             t.extractall(CACHE / "src")
     build = CACHE / "src" / f"build-{ver}"
-    log(f"building llama-server {ver} from {work}/vendor/llama.cpp: takes ~10 minutes on 2 cores ...")
+    log(f"building {', '.join(LLAMA_TOOLS)} {ver} from {work}/vendor/llama.cpp: takes ~10-15 minutes on 2 cores ...")
     nice = ["nice", "-n", "10"] if shutil.which("nice") else []
     subprocess.run(nice + ["cmake", "-S", str(work / "vendor" / "llama.cpp"), "-B", str(build),
                            "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
                            "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
                            "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"],
                    check=True)
-    subprocess.run(nice + ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count())],
+    subprocess.run(nice + ["cmake", "--build", str(build), "--target", *LLAMA_TOOLS, "-j", str(os.cpu_count())],
                    check=True)
-    out = root / ver / "llama-server"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(build / "bin" / "llama-server", out)
+    out = root / ver
+    out.mkdir(parents=True, exist_ok=True)
+    for t in LLAMA_TOOLS:
+        shutil.copy2(build / "bin" / t, out / t)
     log(f"cached {out}")
-    return out
+    return out / tool
+
+
+def ensure_llama_server(version: str | None = None) -> Path:
+    return ensure_llama_tool("llama-server", version)
 
 
 def ensure_llama_cpp_python(version: str | None = None) -> Path:
