@@ -77,30 +77,40 @@ def test_bf16_cache_batch_invariance_with_chunked_prefill(bf16_llm):
     assert_no_leak(llm)
 
 
-# Mean and max over prompts of KL(p_fp32 || p_bf16) of the next-token distribution after prompts of
-# 2-400 tokens (all 30 layers' K/V of the prompt stored in bf16). Derivation of the scale: bf16 keeps
-# 8 significant bits, so each cached K/V value carries a relative error of at most 2^-9 (uniform,
-# rms 2^-9/sqrt(3) ~ 1.1e-3), independent across values. A score q.k (D = 64) then moves by
-# ~1.1e-3 * |q.k|-scale, i.e. ~1e-3 in logit units per layer; through 30 layers of residual stream
-# the final logits move by ~1e-2 relative, and KL ~ Var(delta logit) / 2 ~ 1e-4 .. 1e-3. Measured
-# on this model: mean ~1e-4, max ~1e-3 (see the report); the bounds leave ~5x headroom while an
-# fp16-sized error in the wrong place (a kernel reading bf16 as fp16, a mis-rounded write) gives
-# KL of order 1 and garbage text.
-MEAN_KL_BOUND = 2e-3
-MAX_KL_BOUND = 1e-2
+# KL(p_fp32 cache || p_bf16 cache) of the next-token distribution after 12 prompts of 12-151 tokens
+# (all 30 layers' K/V of each prompt stored in bf16), as (mean bound, max bound) per weight path.
+#
+# Dequantized fp32 weights ("none"): the cache's rounding alone. bf16 keeps 8 significant bits, so
+# each cached value carries a relative error of at most 2^-9 (rms ~1.1e-3), independent across
+# values; a score q.k (D = 64) moves by ~1e-3 of its size, the logits by ~1e-2 through 30 layers,
+# and KL ~ Var(delta logit) / 2 ~ 1e-4. Measured: mean 7.7e-5, max 3.0e-4; an fp16 cache (2^-11,
+# 4x finer) gives mean 1.4e-6, the 1/16-ish an error of 1/4 the size predicts (KL goes as its
+# square), which is how we know the KL comes from the rounding and not from a kernel bug.
+#
+# The default model's own path (Q4_1 weights, int8-quantized activations): every perturbation,
+# however small, flips some activations' int8 rounding, and that floor dominates: measured mean
+# 5.0e-3, max 8.8e-3 for bf16 against mean 4.2e-3, max 1.2e-2 for the fp16 cache (4x finer).
+#
+# The bounds leave ~4-5x headroom over the measurements; a kernel that misreads the cache (bf16 as
+# fp16, a wrong row) or a mis-rounded write gives KL of order 1.
+KL_BOUNDS = {"none": (4e-4, 1.5e-3), None: (2e-2, 4e-2)}
 
 
-def test_bf16_cache_next_token_distributions_close_to_fp32_cache(bf16_llm):
-    model = bf16_llm.engine.model
+@pytest.mark.parametrize("quantization", ["none", None])
+def test_bf16_cache_next_token_distributions_close_to_fp32_cache(bf16_llm, quantization):
+    from pyserve.models import load_model
+
+    model = bf16_llm.engine.model if quantization is None else load_model(None, quantization=quantization)
     words = prompts(12, seed=9)
-    ids = [bf16_llm.tokenizer.encode(w * (1 + i % 4)) for i, w in enumerate(words)]
-    ids = [x[:400] for x in ids]
+    ids = [bf16_llm.tokenizer.encode(w * (1 + i % 4))[:400] for i, w in enumerate(words)]
     _, ref = PagedRunner(model, kv_cache_dtype=F32).generate(ids, max_new_tokens=1)
     _, low = PagedRunner(model, kv_cache_dtype=BF16).generate(ids, max_new_tokens=1)
     kl = torch.stack([torch.nn.functional.kl_div(lo.float().log_softmax(-1), r.float().log_softmax(-1),
                                                  log_target=True, reduction="sum") for r, lo in zip(ref, low)])
-    print(f"KL(fp32 || bf16 cache): mean {kl.mean():.3e} max {kl.max():.3e}")
-    assert float(kl.mean()) < MEAN_KL_BOUND and float(kl.max()) < MAX_KL_BOUND, kl
+    print(f"KL(fp32 || bf16 cache), weights {quantization or 'as in the file'}: "
+          f"mean {kl.mean():.3e} max {kl.max():.3e}")
+    mean_bound, max_bound = KL_BOUNDS[quantization]
+    assert float(kl.mean()) < mean_bound and float(kl.max()) < max_bound, kl
     assert float(kl.max()) > 0, "a bf16 cache should change something: was it used?"
     top1 = sum(int(r.argmax() == lo.argmax()) for r, lo in zip(ref, low))
-    assert top1 >= len(ids) - 1, f"top-1 agrees on {top1}/{len(ids)} prompts"
+    assert top1 == len(ids), f"top-1 agrees on {top1}/{len(ids)} prompts"
