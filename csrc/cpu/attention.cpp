@@ -62,20 +62,13 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
   const int64_t heads = (kv_end - kv_begin) * g.group;  // query heads of this unit
   const int64_t head0 = kv_begin * g.group;
   const int64_t rows = item.num_tokens * heads;  // row r = t * heads + (h - head0)
-  // A cache of another dtype than the query's (bf16/fp16 under fp32) is
-  // widened a chunk at a time into wk/wv; a same-dtype cache is read in place.
-  constexpr bool kWiden = !std::is_same_v<T, C>;
-  const int64_t chunk_keys = std::max(kChunkKeys, g.block_size);
-  // scratch: q [rows, D] | acc [rows, D] | m [rows] | l [rows] | scores [chunk_keys]
-  //          | wk, wv [chunk_keys, D] each (kWiden only)
-  scratch.resize(2 * rows * D + 2 * rows + chunk_keys + (kWiden ? 2 * chunk_keys * D : 0));
+  // scratch: q [rows, D] | acc [rows, D] | m [rows] | l [rows] | scores [keys per chunk]
+  scratch.resize(2 * rows * D + 2 * rows + std::max(kChunkKeys, g.block_size));
   float* q = scratch.data();
   float* acc = q + rows * D;
   float* m = acc + rows * D;
   float* l = m + rows;
   float* scores = l + rows;
-  float* wk = scores + chunk_keys;
-  float* wv = wk + chunk_keys * D;
 
   for (int64_t t = 0; t < item.num_tokens; ++t) {
     const T* src = query + (item.first_token + t) * g.q_token_stride + head0 * D;
@@ -127,58 +120,40 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
     };
 
     for (int64_t kvh = kv_begin; kvh < kv_end; ++kvh) {
-      // The rows of this KV head: key_rows(b) / value_rows(b) point at slot 0
-      // of block b, consecutive slots `stride` apart.
-      auto attend_rows = [&](auto key_rows, auto value_rows, int64_t stride) {
-        for (int64_t t = 0; t < item.num_tokens; ++t) {
-          // Causal: the row at position p sees keys 0..p, or with a window
-          // p - W + 1..p; here the part of them inside this chunk, [k_lo, k_hi).
-          const int64_t p = first_pos + t;
-          const int64_t row_lo = g.window > 0 ? std::max<int64_t>(0, p - g.window + 1) : 0;
-          const int64_t k_lo = std::max(row_lo, b0 * g.block_size);
-          const int64_t k_hi = std::min(p + 1, b1 * g.block_size);
-          const int64_t visible = k_hi - k_lo;
-          if (visible <= 0) continue;
-          // The range starts at slot `off0` of block `blk0`: 0 and b0 unless a
-          // window starts inside this chunk (no division on the common path).
-          const int64_t blk0 = k_lo == b0 * g.block_size ? b0 : k_lo / g.block_size;
-          const int64_t off0 = k_lo - blk0 * g.block_size;
-          for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
-            const int64_t r = t * heads + (h - head0);
-            prefetch_some();
-            for (int64_t b = blk0, off = off0, seen = 0; seen < visible; ++b, off = 0) {
-              const int64_t n = std::min(g.block_size - off, visible - seen);
-              dot_rows(q + r * D, key_rows(b) + off * stride, stride, n, D, scores + seen);
-              seen += n;
-            }
-            if (g.soft_cap > 0.f) soft_cap_inplace(scores, visible, g.soft_cap);
-            const float new_max = std::max(m[r], max_of(scores, visible));
-            const float alpha = std::exp(m[r] - new_max);  // 0 on the row's first chunk (m = -inf)
-            const float chunk_sum = exp_shifted_sum(scores, visible, new_max);
-            for (int64_t b = blk0, off = off0, seen = 0; seen < visible; ++b, off = 0) {
-              const int64_t n = std::min(g.block_size - off, visible - seen);
-              rescale_accumulate(acc + r * D, seen == 0 ? alpha : 1.f, scores + seen, value_rows(b) + off * stride,
-                                 stride, n, D);
-              seen += n;
-            }
-            l[r] = l[r] * alpha + chunk_sum;
-            m[r] = new_max;
+      for (int64_t t = 0; t < item.num_tokens; ++t) {
+        // Causal: the row at position p sees keys 0..p, or with a window
+        // p - W + 1..p; here the part of them inside this chunk, [k_lo, k_hi).
+        const int64_t p = first_pos + t;
+        const int64_t row_lo = g.window > 0 ? std::max<int64_t>(0, p - g.window + 1) : 0;
+        const int64_t k_lo = std::max(row_lo, b0 * g.block_size);
+        const int64_t k_hi = std::min(p + 1, b1 * g.block_size);
+        const int64_t visible = k_hi - k_lo;
+        if (visible <= 0) continue;
+        // The range starts at slot `off0` of block `blk0`: 0 and b0 unless a
+        // window starts inside this chunk (no division on the common path).
+        const int64_t blk0 = k_lo == b0 * g.block_size ? b0 : k_lo / g.block_size;
+        const int64_t off0 = k_lo - blk0 * g.block_size;
+        for (int64_t h = kvh * g.group; h < (kvh + 1) * g.group; ++h) {
+          const int64_t r = t * heads + (h - head0);
+          prefetch_some();
+          for (int64_t b = blk0, off = off0, seen = 0; seen < visible; ++b, off = 0) {
+            const int64_t n = std::min(g.block_size - off, visible - seen);
+            dot_rows(q + r * D, block_ptr(key_cache, b, kvh) + off * token_stride, token_stride, n, D, scores + seen);
+            seen += n;
           }
+          if (g.soft_cap > 0.f) soft_cap_inplace(scores, visible, g.soft_cap);
+          const float new_max = std::max(m[r], max_of(scores, visible));
+          const float alpha = std::exp(m[r] - new_max);  // 0 on the row's first chunk (m = -inf)
+          const float chunk_sum = exp_shifted_sum(scores, visible, new_max);
+          for (int64_t b = blk0, off = off0, seen = 0; seen < visible; ++b, off = 0) {
+            const int64_t n = std::min(g.block_size - off, visible - seen);
+            rescale_accumulate(acc + r * D, seen == 0 ? alpha : 1.f, scores + seen,
+                               block_ptr(value_cache, b, kvh) + off * token_stride, token_stride, n, D);
+            seen += n;
+          }
+          l[r] = l[r] * alpha + chunk_sum;
+          m[r] = new_max;
         }
-      };
-      if constexpr (kWiden) {
-        // Widen the chunk's K/V rows of this head to fp32 once, for all the
-        // group's query heads and the tile's tokens: converting in the inner
-        // loops would redo it per query head and double those loops' uops.
-        for (int64_t b = b0; b < b1; ++b) {
-          widen_rows(block_ptr(key_cache, b, kvh), token_stride, g.block_size, D, wk + (b - b0) * g.block_size * D);
-          widen_rows(block_ptr(value_cache, b, kvh), token_stride, g.block_size, D, wv + (b - b0) * g.block_size * D);
-        }
-        attend_rows([&](int64_t b) -> const float* { return wk + (b - b0) * g.block_size * D; },
-                    [&](int64_t b) -> const float* { return wv + (b - b0) * g.block_size * D; }, D);
-      } else {
-        attend_rows([&](int64_t b) { return block_ptr(key_cache, b, kvh); },
-                    [&](int64_t b) { return block_ptr(value_cache, b, kvh); }, token_stride);
       }
     }
   }

@@ -248,19 +248,6 @@ inline void dot_rows(const float* q, const T* rows, int64_t row_stride, int64_t 
   for (; j < n; ++j) out[j] = dot(q, rows + j * row_stride, d);
 }
 
-// dst[j * d + i] = float(rows[j * row_stride + i]) for j < n, i < d: rows
-// widened to fp32 and packed densely.
-template <typename T>
-inline void widen_rows(const T* rows, int64_t row_stride, int64_t n, int64_t d, float* dst) {
-  for (int64_t j = 0; j < n; ++j, rows += row_stride, dst += d) {
-    int64_t i = 0;
-#ifdef PYSERVE_HAVE_AVX2
-    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(dst + i, load8(rows + i));
-#endif
-    for (; i < d; ++i) dst[i] = to_float(rows[i]);
-  }
-}
-
 // acc = acc * alpha + sum_j w[j] * rows[j], d values. acc stays in registers
 // across the rows, four 8-lane chunks at a time.
 template <typename T>
