@@ -22,6 +22,8 @@ py::dict build_info() {
   for (pyserve::cpu::Isa isa : pyserve::cpu::compiled_isas()) variants.append(pyserve::cpu::isa_name(isa));
   info["cpu_isa_variants"] = variants;
   info["cpu_isa_best"] = pyserve::cpu::isa_name(pyserve::cpu::best_isa());
+  // Whether the CPU has AVX512_BF16: --kv-cache-dtype auto's choice on the CPU.
+  info["cpu_avx512_bf16"] = pyserve::cpu::has_avx512_bf16();
   info["torch_version"] = PYSERVE_TORCH_VERSION;
 #ifdef PYSERVE_WITH_CUDA
   info["cuda"] = true;

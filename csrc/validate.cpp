@@ -90,10 +90,11 @@ void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value, con
   TORCH_CHECK(key.sizes() == value.sizes(), "value shape ", value.sizes(), " differs from key shape ", key.sizes());
   TORCH_CHECK(key.size(1) == key_cache.size(2) && key.size(2) == key_cache.size(3), "key has [num_kv_heads, head_dim] = [",
               key.size(1), ", ", key.size(2), "] but key_cache has [", key_cache.size(2), ", ", key_cache.size(3), "]");
-  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "key dtype ", key.scalar_type(),
-              " differs from key_cache dtype ", key_cache.scalar_type());
-  TORCH_CHECK(value.scalar_type() == key_cache.scalar_type(), "value dtype ", value.scalar_type(),
-              " differs from key_cache dtype ", key_cache.scalar_type());
+  // key and value share the model's dtype; the cache may have another (a
+  // device's kernel checks which pairs it converts: check_cache_dtype_pair).
+  TORCH_CHECK(is_float_type(key.scalar_type()), "key must be float32, float16 or bfloat16, got ", key.scalar_type());
+  TORCH_CHECK(value.scalar_type() == key.scalar_type(), "value dtype ", value.scalar_type(), " differs from key dtype ",
+              key.scalar_type());
   check_dense_rows(key, "key");
   check_dense_rows(value, "value");
   check_dim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
@@ -104,6 +105,17 @@ void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value, con
   check_same_device(key, "key", key_cache, "key_cache");
   check_same_device(value, "value", key_cache, "key_cache");
   check_same_device(slot_mapping, "slot_mapping", key_cache, "key_cache");
+}
+
+void check_cache_dtype_pair(const at::Tensor& t, const char* name, const at::Tensor& key_cache,
+                            bool allow_mixed) {
+  const at::ScalarType a = t.scalar_type(), c = key_cache.scalar_type();
+  if (a == c) return;
+  TORCH_CHECK(allow_mixed, "key_cache dtype ", c, " differs from ", name, " dtype ", a,
+              "; on ", key_cache.device().type(), " the KV cache must have the model's dtype");
+  TORCH_CHECK(a == at::kFloat, "key_cache dtype ", c, " differs from ", name, " dtype ", a,
+              "; a cache of another dtype than ", name, "'s needs ", name, " in float32 (supported: ", name,
+              " float32 with a float32, bfloat16 or float16 cache, or cache dtype == ", name, " dtype)");
 }
 
 static void check_batch_layout(const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -140,8 +152,8 @@ void check_paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            std::optional<int64_t> sliding_window, std::optional<double> logits_soft_cap) {
   check_cache_pair(key_cache, value_cache);
   check_dim(query, "query", 3, "[num_tokens, num_heads, head_dim]");
-  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type(), "query dtype ", query.scalar_type(),
-              " differs from key_cache dtype ", key_cache.scalar_type());
+  TORCH_CHECK(is_float_type(query.scalar_type()), "query must be float32, float16 or bfloat16, got ",
+              query.scalar_type());
   check_dense_rows(query, "query");
   check_same_device(query, "query", key_cache, "key_cache");
   const int64_t head_dim = query.size(2);

@@ -15,6 +15,12 @@ bool supported_head_dim(int64_t head_dim);
 void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                              const at::Tensor& value_cache, const at::Tensor& slot_mapping);
 
+// The KV cache's dtype against the model-side tensor `t` (query, or key for
+// the cache write), named `name` in the message. Equal dtypes always pass;
+// with allow_mixed (the CPU kernels), a float32 `t` with a float32, bfloat16
+// or float16 cache also does (converted while reading/writing, fp32 math).
+void check_cache_dtype_pair(const at::Tensor& t, const char* name, const at::Tensor& key_cache, bool allow_mixed);
+
 void check_compute_slot_mapping(const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                 const at::Tensor& query_start_loc, int64_t block_size, int64_t num_tokens);
 

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens in one step at most")
     a("--block-size", type=int, choices=(8, 16, 32), default=16, help="tokens per KV-cache block")
     a("--kv-cache-memory", type=_positive_float, default=2.0, help="GiB of KV cache on the CPU")
+    a("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+      help="KV cache storage dtype (attention math stays fp32). auto: bfloat16 on a CPU with "
+           "AVX512_BF16 under a float32 model, else the model's dtype; other values are CPU-only "
+           "and need a float32 model unless equal to --dtype")
     a("--gpu-memory-utilization", type=_fraction, default=0.9,
       help="fraction of GPU memory for weights, activations and KV cache (CUDA)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -180,6 +184,13 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> argparse.Na
 
         if not torch.cuda.is_available():
             parser.error(f"--device {args.device}: no CUDA device is available")
+    if args.kv_cache_dtype != "auto":  # auto always resolves; only a named dtype can clash with --dtype
+        from pyserve.config import EngineConfig  # noqa: PLC0415  (imports torch)
+
+        try:
+            EngineConfig(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+        except ValueError as e:
+            parser.error(f"--kv-cache-dtype {args.kv_cache_dtype}: {e}")
     if args.model is not None:
         path = os.path.expanduser(args.model)
         if not os.path.exists(path):

@@ -251,6 +251,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_cache_memory: float = 2.0  # GiB of KV cache on the CPU
+    # auto: bfloat16 on a CPU with AVX512_BF16 under an fp32 model, else the model's dtype
+    # (engine/kv_cache_dtype.py); float32/bfloat16/float16 on the CPU only (CUDA: the model's).
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9  # fraction of the GPU for weights + activations + KV cache
     num_gpu_blocks_override: int | None = None  # tests: an exact block count on any device
     enable_prefix_caching: bool = True
@@ -268,7 +271,20 @@ class EngineConfig:
             raise ValueError(f"block_size must be 8, 16 or 32, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        self._check_kv_cache_dtype()
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    def _check_kv_cache_dtype(self) -> None:
+        """Fail at configuration, before any loading, for a cache dtype the device's kernels do not
+        run with the model's dtype (resolve_dtype's auto: float32 on the CPU, bfloat16 on CUDA)."""
+        import torch
+
+        from pyserve.engine.kv_cache_dtype import resolve_kv_cache_dtype
+
+        device = torch.device(self.device)
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        model = names.get(self.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        resolve_kv_cache_dtype(self.kv_cache_dtype, device, model, avx512_bf16=False)

@@ -16,6 +16,9 @@ which SDPA cannot do, an eager matmul / tanh / softmax / matmul as in
 transformers' Gemma 2). --baseline LIB (a library from build_baseline.py, e.g.
 the last commit's kernels) adds that build's paged_attention, called without
 the new options, interleaved with the others: before/after in one run.
+--cache-dtype bfloat16|float16 (with --dtype float32, CPU) adds a row that reads
+the same K/V from a cache in that dtype (--kv-cache-dtype's path), and prints
+its time against the fp32-cache row.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main() -> None:
     p.add_argument("--sequential-blocks", action="store_true", help="lay each sequence's blocks out in order (no scatter)")
     p.add_argument("--sliding-window", type=int, default=0, help="keys each query sees (0 = off)")
     p.add_argument("--soft-cap", type=float, default=0.0, help="logit soft-cap (0 = off)")
+    p.add_argument("--cache-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="also time an fp32 query over a cache of this dtype (--kv-cache-dtype)")
     p.add_argument("--baseline", default=None, help="library from build_baseline.py to time side by side")
     p.add_argument("--thread-time", action="store_true",
                    help="time with the thread's CPU clock (needs --threads 1): robust on a busy machine")
@@ -130,6 +135,17 @@ def main() -> None:
         if not window and not cap:
             torch.testing.assert_close(baseline().float(), reference(), **tol)
         fns["pyserve baseline build (no window, no cap)"] = baseline
+    mixed_name = None
+    if a.cache_dtype and a.cache_dtype != a.dtype:
+        low_k, low_v = key_cache.to(getattr(torch, a.cache_dtype)), value_cache.to(getattr(torch, a.cache_dtype))
+
+        def mixed():
+            return _ops.paged_attention(query, low_k, low_v, block_tables, seq_lens, qsl, scale, a.context, window, cap)
+
+        # Its own rounding of K/V aside, the same answer (bf16: ~3 significant digits per value).
+        torch.testing.assert_close(mixed().float(), reference(), atol=3e-2, rtol=3e-2)
+        mixed_name = f"pyserve paged_attention ({a.cache_dtype} cache)"
+        fns[mixed_name] = mixed
     if cap:
         fns["torch eager (Gemma 2 style)"] = eager_soft_cap
     else:
@@ -138,8 +154,14 @@ def main() -> None:
     times = timed_side_by_side(fns, a.iters, a.warmup, dev, thread_time=a.thread_time, shuffle=True)
     # The baseline (no window) reads every key.
     full_bytes = kv_bytes * a.context // keys_read
-    rows = [{"name": name, "median_us": t * 1e6, "min_us": t_min * 1e6,
-             "gbps": (full_bytes if name.startswith("pyserve baseline") else kv_bytes) / t / 1e9}
+    def bytes_read(name):
+        if name.startswith("pyserve baseline"):
+            return full_bytes
+        if name == mixed_name:
+            return kv_bytes * getattr(torch, a.cache_dtype).itemsize // key_cache.element_size()
+        return kv_bytes
+
+    rows = [{"name": name, "median_us": t * 1e6, "min_us": t_min * 1e6, "gbps": bytes_read(name) / t / 1e9}
             for name, (t, t_min) in times.items()]
     best_torch = min((r for r in rows if r["name"].startswith("torch")), key=lambda r: r["median_us"])
     ratio = best_torch["median_us"] / rows[0]["median_us"]
@@ -159,6 +181,12 @@ def main() -> None:
         print(f"pyserve now / baseline build: {rows[0]['median_us'] / base['median_us']:.3f} (median), "
               f"{rows[0]['min_us'] / base['min_us']:.3f} (min)")
     extra = {}
+    if mixed_name:
+        m = next(r for r in rows if r["name"] == mixed_name)
+        extra["cache_dtype"] = a.cache_dtype
+        extra["cache_dtype_over_same_dtype"] = m["median_us"] / rows[0]["median_us"]
+        print(f"{a.cache_dtype} cache / {a.dtype} cache: {m['median_us'] / rows[0]['median_us']:.3f} (median), "
+              f"{m['min_us'] / rows[0]['min_us']:.3f} (min)")
     if dev == "cuda":
         # Attention only reads K/V; the copy figure counts reads and writes, so
         # the two are directly comparable as bytes moved per second.

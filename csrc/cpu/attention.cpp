@@ -6,7 +6,9 @@
 // per query head and token. Keys are consumed a cache block at a time with an
 // online softmax (flash-attention style): scores for the block, one rescale of
 // the accumulators, then the weighted V rows. Math is fp32 whatever the
-// storage dtype.
+// storage dtype. The cache may have another dtype than the query (a bf16 or
+// fp16 cache under an fp32 model, --kv-cache-dtype): its rows are widened to
+// fp32 as they are loaded, so only the bytes streamed from memory change.
 //
 // Sliding window (window W > 0): the row at position p sees keys
 // max(0, p - W + 1) .. p, so a work item starts at the block of its first
@@ -21,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vec.h"
@@ -50,9 +53,10 @@ struct Geometry {
   float soft_cap;  // > 0: logit soft-cap; 0: off
 };
 
-template <typename T>
+// T: query and output dtype; C: cache dtype (T itself, or bf16/fp16 under fp32).
+template <typename T, typename C>
 void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const Geometry& g, const T* query,
-                 const T* key_cache, const T* value_cache, const int32_t* block_table, int64_t first_pos, T* out,
+                 const C* key_cache, const C* value_cache, const int32_t* block_table, int64_t first_pos, T* out,
                  std::vector<float>& scratch) {
   const int64_t D = g.head_dim;
   const int64_t heads = (kv_end - kv_begin) * g.group;  // query heads of this unit
@@ -84,9 +88,9 @@ void attend_item(const WorkItem& item, int64_t kv_begin, int64_t kv_end, const G
   const int64_t chunk_blocks = std::max<int64_t>(1, kChunkKeys / g.block_size);
   // The unit's span of one block, from its first KV head's first slot to its
   // last KV head's last slot: what the prefetcher must bring in per block.
-  const int64_t span_bytes = ((g.block_size - 1) * token_stride + (kv_end - kv_begin) * D) * sizeof(T);
+  const int64_t span_bytes = ((g.block_size - 1) * token_stride + (kv_end - kv_begin) * D) * sizeof(C);
   const int64_t row_steps = (kv_end - kv_begin) * item.num_tokens * g.group;
-  auto block_ptr = [&](const T* cache, int64_t b, int64_t kvh) {
+  auto block_ptr = [&](const C* cache, int64_t b, int64_t kvh) {
     return cache + block_table[b] * g.block_size * token_stride + kvh * D;
   };
 
@@ -172,6 +176,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            std::optional<int64_t> sliding_window, std::optional<double> logits_soft_cap) {
   check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len,
                         sliding_window, logits_soft_cap);
+  check_cache_dtype_pair(query, "query", key_cache, /*allow_mixed=*/true);
   const int64_t num_tokens = query.size(0), num_seqs = seq_lens.size(0);
   Geometry g;
   g.num_heads = query.size(1);
@@ -218,12 +223,12 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                          : std::min(g.num_kv_heads, (want_units + num_items - 1) / std::max<int64_t>(num_items, 1));
   const int64_t heads_per_split = (g.num_kv_heads + splits - 1) / splits;
   const int64_t num_work = num_items * splits;
-  PYSERVE_DISPATCH_FLOAT_TYPES(query.scalar_type(), "paged_attention", [&] {
-    const scalar_t* q = query.data_ptr<scalar_t>();
-    const scalar_t* kc = key_cache.data_ptr<scalar_t>();
-    const scalar_t* vc = value_cache.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  // Runs the work units with query/output dtype T and cache dtype C.
+  auto run = [&](auto* q, const auto* kc, const auto* vc) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
+    using C = std::remove_const_t<std::remove_pointer_t<decltype(kc)>>;
+    T* o = out.data_ptr<T>();
     // Threads pull units from a shared counter rather than taking fixed
     // halves: work units differ in cost (context lengths), and on a shared
     // machine one thread may be descheduled for a while.
@@ -236,11 +241,21 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
         const int64_t kv_end = std::min(g.num_kv_heads, kv_begin + heads_per_split);
         if (kv_begin >= kv_end) continue;
         const int64_t pos = first_pos[item.seq] + (item.first_token - qsl[item.seq]);
-        attend_item<scalar_t>(item, kv_begin, kv_end, g, q, kc, vc, tables + item.seq * g.max_blocks, pos, o,
-                              scratch);
+        attend_item<T, C>(item, kv_begin, kv_end, g, q, kc, vc, tables + item.seq * g.max_blocks, pos, o,
+                          scratch);
       }
     });
-  });
+  };
+  if (key_cache.scalar_type() == query.scalar_type()) {
+    PYSERVE_DISPATCH_FLOAT_TYPES(query.scalar_type(), "paged_attention", [&] {
+      run(query.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>());
+    });
+  } else {
+    // check_cache_dtype_pair let only an fp32 query through with another cache dtype.
+    PYSERVE_DISPATCH_FLOAT_TYPES(key_cache.scalar_type(), "paged_attention", [&] {
+      run(query.data_ptr<float>(), key_cache.data_ptr<scalar_t>(), value_cache.data_ptr<scalar_t>());
+    });
+  }
   return out;
 }
 

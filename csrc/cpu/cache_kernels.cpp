@@ -14,6 +14,7 @@ namespace pyserve::cpu {
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
                        const at::Tensor& slot_mapping) {
   check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping);
+  check_cache_dtype_pair(key, "key", key_cache, /*allow_mixed=*/true);
   const int64_t num_tokens = key.size(0);
   const int64_t row = key.size(1) * key.size(2);  // num_kv_heads * head_dim
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
@@ -22,17 +23,39 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
     TORCH_CHECK(slots[t] >= -1 && slots[t] < num_slots, "slot_mapping[", t, "] = ", slots[t],
                 " is outside the cache (", num_slots, " slots; -1 = padding)");
   }
-  PYSERVE_DISPATCH_FLOAT_TYPES(key.scalar_type(), "reshape_and_cache", [&] {
-    const scalar_t* k = key.data_ptr<scalar_t>();
-    const scalar_t* v = value.data_ptr<scalar_t>();
+  const int64_t k_stride = key.stride(0), v_stride = value.stride(0);
+  if (key.scalar_type() == key_cache.scalar_type()) {
+    PYSERVE_DISPATCH_FLOAT_TYPES(key.scalar_type(), "reshape_and_cache", [&] {
+      const scalar_t* k = key.data_ptr<scalar_t>();
+      const scalar_t* v = value.data_ptr<scalar_t>();
+      scalar_t* kc = key_cache.data_ptr<scalar_t>();
+      scalar_t* vc = value_cache.data_ptr<scalar_t>();
+      at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          if (slots[t] < 0) continue;
+          std::memcpy(kc + slots[t] * row, k + t * k_stride, row * sizeof(scalar_t));
+          std::memcpy(vc + slots[t] * row, v + t * v_stride, row * sizeof(scalar_t));
+        }
+      });
+    });
+    return;
+  }
+  // An fp32 key/value into a bf16 or fp16 cache (check_cache_dtype_pair lets
+  // nothing else through): c10's conversions round to nearest even, as
+  // torch's .to(dtype) does. Scalar code compiled once, for the baseline ISA:
+  // a step writes only its new tokens' rows, a sliver next to its matmuls.
+  const float* k = key.data_ptr<float>();
+  const float* v = value.data_ptr<float>();
+  PYSERVE_DISPATCH_FLOAT_TYPES(key_cache.scalar_type(), "reshape_and_cache", [&] {
     scalar_t* kc = key_cache.data_ptr<scalar_t>();
     scalar_t* vc = value_cache.data_ptr<scalar_t>();
-    const int64_t k_stride = key.stride(0), v_stride = value.stride(0);
     at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         if (slots[t] < 0) continue;
-        std::memcpy(kc + slots[t] * row, k + t * k_stride, row * sizeof(scalar_t));
-        std::memcpy(vc + slots[t] * row, v + t * v_stride, row * sizeof(scalar_t));
+        for (int64_t i = 0; i < row; ++i) {
+          kc[slots[t] * row + i] = static_cast<scalar_t>(k[t * k_stride + i]);
+          vc[slots[t] * row + i] = static_cast<scalar_t>(v[t * v_stride + i]);
+        }
       }
     });
   });

@@ -98,6 +98,15 @@ Isa best_isa() {
 #endif
 }
 
+bool has_avx512_bf16() {
+#if PYSERVE_CPU_X86_VARIANTS
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && os_enables(kXcr0Avx512);
+#else
+  return false;
+#endif
+}
+
 Isa resolve_isa(std::string_view requested, Isa best) {
   if (requested.empty()) return best;
   const std::vector<Isa> compiled = compiled_isas();

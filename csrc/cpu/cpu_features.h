@@ -29,6 +29,11 @@ std::vector<Isa> compiled_isas();
 // cpuid reports it).
 Isa best_isa();
 
+// The CPU converts and multiplies bf16 natively (AVX512_BF16, enabled by the
+// OS): where it does, --kv-cache-dtype auto picks a bf16 KV cache
+// (pyserve/engine/kv_cache_dtype.py), as PyTorch's CPU bf16 paths do.
+bool has_avx512_bf16();
+
 // The variant the kernels use: PYSERVE_CPU_ISA if set (read once), else
 // best_isa(). The first call decides; it throws std::runtime_error (and so
 // does every later call) for an unknown name or a variant this CPU or build

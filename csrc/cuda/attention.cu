@@ -288,6 +288,7 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            std::optional<int64_t> sliding_window, std::optional<double> logits_soft_cap) {
   check_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, max_seq_len,
                         sliding_window, logits_soft_cap);
+  check_cache_dtype_pair(query, "query", key_cache, /*allow_mixed=*/false);
   const int64_t window = std::max<int64_t>(0, sliding_window.value_or(0));
   const float soft_cap = static_cast<float>(std::max(0.0, logits_soft_cap.value_or(0.0)));
   const int64_t num_tokens = query.size(0), num_heads = query.size(1), head_dim = query.size(2);

@@ -91,6 +91,7 @@ __global__ void copy_blocks_kernel(char* __restrict__ key_cache, char* __restric
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
                        const at::Tensor& slot_mapping) {
   check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping);
+  check_cache_dtype_pair(key, "key", key_cache, /*allow_mixed=*/false);
   const int64_t num_tokens = key.size(0);
   if (num_tokens == 0 || key_cache.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(key_cache.device());

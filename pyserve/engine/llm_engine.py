@@ -21,6 +21,7 @@ import torch
 from pyserve.config import EngineConfig
 from pyserve.engine.block_manager import BlockManager
 from pyserve.engine.detokenizer import IncrementalDetokenizer
+from pyserve.engine.kv_cache_dtype import resolve_kv_cache_dtype
 from pyserve.engine.model_runner import ModelRunner, SampledToken, StepResult
 from pyserve.engine.scheduler import Scheduler
 from pyserve.engine.sequence import Sequence
@@ -84,9 +85,11 @@ def load_tokenizer_for(path: str | Path | None, eos_token_ids: tuple[int, ...]):
     return load_tokenizer(str(path))
 
 
-def kv_block_bytes(model: LlamaModel, block_size: int) -> int:
+def kv_block_bytes(model: LlamaModel, block_size: int, kv_cache_dtype: torch.dtype | None = None) -> int:
+    """Bytes of one block across all layers, K and V, in the cache's dtype (default: the model's)."""
     cfg = model.cfg
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    itemsize = (kv_cache_dtype or model.dtype).itemsize
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
 class LLMEngine:
@@ -109,13 +112,17 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         with phase("kv_cache"):
+            self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.model.device, self.model.dtype)
             self.num_blocks = self._num_blocks()
             self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
             self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-            self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.eos_token_ids)
+            self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.eos_token_ids,
+                                      self.kv_cache_dtype)
         capacity = self.num_blocks * config.block_size
-        log.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at %d tokens: %.1f",
-                 self.num_blocks, config.block_size, capacity, self.max_model_len, capacity / self.max_model_len)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens in %s (--kv-cache-dtype %s); max concurrency at "
+                 "%d tokens: %.1f", self.num_blocks, config.block_size, capacity,
+                 str(self.kv_cache_dtype).removeprefix("torch."), config.kv_cache_dtype, self.max_model_len,
+                 capacity / self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
@@ -127,7 +134,7 @@ class LLMEngine:
         c = self.config
         if c.num_gpu_blocks_override is not None:
             return c.num_gpu_blocks_override
-        per_block = kv_block_bytes(self.model, c.block_size)
+        per_block = kv_block_bytes(self.model, c.block_size, self.kv_cache_dtype)
         if self.model.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.model.device)
             budget = total * c.gpu_memory_utilization - (total - free) - self._profile_activation_bytes()

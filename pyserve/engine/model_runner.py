@@ -45,11 +45,12 @@ class _SamplingInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, eos_token_ids: tuple[int, ...],
+                 kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         self.device = model.device
         self.block_size = block_size
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, kv_cache_dtype)
         self.eos_token_ids = eos_token_ids
 
     def execute(self, batch: ScheduledBatch) -> StepResult:

@@ -56,20 +56,23 @@ class CausalLM:
                     module.warm_up(max_tokens)
         self.lm_head.warm_up(max_logit_rows)
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed."""
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed,
+        in `dtype` (--kv-cache-dtype, engine/kv_cache_dtype.py; default: the model's dtype)."""
+        dtype = dtype or self.dtype
         shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         layers = self.cfg.num_layers
         if self.device.type == "cpu":
             # An anonymous mapping is zero-filled by the kernel a page at a time, on first touch, so a
             # cache of gigabytes costs nothing at startup (torch.zeros writes every byte: ~0.3 s/GiB);
             # a background thread then backs it with memory before requests need it (prefault.py).
-            nbytes = 2 * layers * math.prod(shape) * self.dtype.itemsize
+            nbytes = 2 * layers * math.prod(shape) * dtype.itemsize
             buf = mmap.mmap(-1, nbytes)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 buf.madvise(mmap.MADV_HUGEPAGE)  # fewer, larger faults where the kernel grants them
-            caches = torch.frombuffer(buf, dtype=self.dtype).view(2 * layers, *shape)
+            caches = torch.frombuffer(buf, dtype=dtype).view(2 * layers, *shape)
             populate_in_background(buf)
         else:
-            caches = torch.zeros((2 * layers, *shape), device=self.device, dtype=self.dtype)
+            caches = torch.zeros((2 * layers, *shape), device=self.device, dtype=dtype)
         return [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]

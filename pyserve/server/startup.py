@@ -58,6 +58,7 @@ def build_engine(args, phases: Phases):
                               max_model_len=args.max_model_len,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                              kv_cache_dtype=args.kv_cache_dtype,
                               gpu_memory_utilization=args.gpu_memory_utilization,
                               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
     try:
@@ -66,7 +67,8 @@ def build_engine(args, phases: Phases):
         raise
     except BaseException as e:  # between the engine's own phases: blame the last one started
         raise StartupError(phases.current, e) from e
-    log.info("startup: KV cache of %d blocks of %d tokens", engine.num_blocks, config.block_size)
+    log.info("startup: KV cache of %d blocks of %d tokens in %s", engine.num_blocks, config.block_size,
+             str(engine.kv_cache_dtype).removeprefix("torch."))
     return engine
 
 

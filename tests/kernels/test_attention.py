@@ -51,6 +51,64 @@ def test_long_context(device, dtype):
     assert_close(out, ref, dtype)
 
 
+# ----------------------------------------------------------------------------- cache dtype != query dtype
+# --kv-cache-dtype on the CPU: an fp32 model reading a bf16 or fp16 cache. The reference sees the
+# cache's values widened exactly to fp32, so the kernel (fp32 math on the same values) must meet the
+# fp32 tolerance; only the storage rounding differs from an fp32 cache, and that is the cache's own.
+
+
+def with_cache_dtype(batch, cache_dtype):
+    """The batch with its caches (and the reference's gathered K/V) stored in cache_dtype."""
+    batch.key_cache = batch.key_cache.to(cache_dtype)
+    batch.value_cache = batch.value_cache.to(cache_dtype)
+    batch.keys = [k.to(cache_dtype) for k in batch.keys]
+    batch.values = [v.to(cache_dtype) for v in batch.values]
+    return batch
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (9, 3), (8, 1)])
+def test_fp32_query_low_precision_cache(cache_dtype, head_dim, block_size, num_heads, num_kv_heads):
+    batch = make_paged_batch(MIXED, num_heads, num_kv_heads, head_dim, block_size, torch.float32, padding_rows=3)
+    fp32_cache = run(batch, "cpu")[0]
+    out, ref = run(with_cache_dtype(batch, cache_dtype), "cpu")
+    assert out.dtype == torch.float32 and out.shape == batch.query.shape
+    assert_close(out, ref, torch.float32)
+    assert (out[-3:] == 0).all(), "padding rows must come back as zeros"
+    assert not torch.equal(out, fp32_cache), "the cache's rounding should show: was it read as fp32?"
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window,cap", [(13, None), (None, 20.0), (70, 3.0)])
+def test_fp32_query_low_precision_cache_window_and_soft_cap(cache_dtype, window, cap):
+    batch = with_cache_dtype(_sharpened(make_paged_batch(MIXED, 9, 3, 64, 16, torch.float32), 4.0), cache_dtype)
+    out, ref = run(batch, "cpu", sliding_window=window, logits_soft_cap=cap)
+    assert_close(out, ref, torch.float32)
+
+
+def test_fp32_query_bf16_cache_decode_default_model_shape():
+    # The engine's hot path: 16 decodes of the default model's geometry, some past 256 keys.
+    seqs = [(int(n), 1) for n in torch.randint(1, 600, (16,))]
+    out, ref = run(with_cache_dtype(make_paged_batch(seqs, 9, 3, 64, 16, torch.float32), torch.bfloat16), "cpu")
+    assert_close(out, ref, torch.float32)
+
+
+def test_opcheck_low_precision_cache():
+    b = with_cache_dtype(make_paged_batch(MIXED, 9, 3, 64, 16, torch.float32, padding_rows=1), torch.bfloat16)
+    torch.library.opcheck(torch.ops.pyserve.paged_attention.default, tuple(_args(b).values()))
+
+
+@pytest.mark.parametrize("query_dtype,cache_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_unsupported_cache_dtype_pairs_name_the_arguments(query_dtype, cache_dtype):
+    b = with_cache_dtype(make_paged_batch(MIXED, 9, 3, 64, 16, torch.float32), cache_dtype)
+    b.query = b.query.to(query_dtype)
+    with pytest.raises(RuntimeError, match=r"key_cache dtype .* differs from query dtype .*needs query in float32"):
+        torch.ops.pyserve.paged_attention(*_args(b).values())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_only_default_model_shape(device):
     # The default model's attention: 9 query heads over 3 KV heads, head_dim 64.
@@ -201,7 +259,7 @@ def _args(b):
 @pytest.mark.parametrize(
     "name,bad,message",
     [
-        ("query", lambda a: a["query"].double(), "query dtype"),
+        ("query", lambda a: a["query"].double(), "query must be float32"),
         ("query", lambda a: a["query"][:, :, :48], "head_dim"),
         ("query", lambda a: a["query"][:, :5], "not a multiple"),
         ("key_cache", lambda a: a["key_cache"].half(), "value_cache dtype"),

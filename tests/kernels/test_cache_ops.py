@@ -39,6 +39,67 @@ def test_reshape_and_cache(device, dtype, block_size, head_dim):
     torch.testing.assert_close(value_cache, expect_v, atol=0, rtol=0)
 
 
+def rounding_cases(n: int) -> torch.Tensor:
+    """n fp32 values that exercise a narrowing conversion: ties (low 16 bits 0x8000 with even and odd
+    bf16 mantissas), values just off a tie, fp16 subnormals and overflow, +-inf, NaN, -0."""
+    bits = torch.randint(0, 2**31 - 1, (n,), dtype=torch.int64)
+    bits[0::4] = (bits[0::4] & ~0xFFFF) | 0x8000  # exact bf16 ties: round to even
+    bits[1::4] = (bits[1::4] & ~0xFFFF) | 0x8001  # just above a tie
+    x = (bits.to(torch.int32)).view(torch.float32).clone()
+    x[2::8] = torch.randn(x[2::8].shape) * 1e-6  # fp16 subnormals
+    x[3::16] = 7e4  # fp16 overflow -> inf
+    x[5] = float("inf")
+    x[6] = float("-inf")
+    x[7] = float("nan")
+    x[9] = -0.0
+    x[11::3] *= -1
+    return x
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_reshape_and_cache_fp32_into_low_precision_cache(cache_dtype, block_size, head_dim):
+    # --kv-cache-dtype: fp32 K/V written into a bf16/fp16 cache round as torch's .to(cache_dtype).
+    num_blocks, num_kv_heads, num_tokens = 20, 3, 50
+    key_cache, value_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, cache_dtype, "cpu")
+    key = rounding_cases(num_tokens * num_kv_heads * head_dim).view(num_tokens, num_kv_heads, head_dim)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim) * 100
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slots[::7] = -1  # padding rows are skipped
+    expect_k, expect_v = key_cache.clone(), value_cache.clone()
+    keep = slots >= 0
+    expect_k.view(-1, num_kv_heads, head_dim)[slots[keep]] = key[keep].to(cache_dtype)
+    expect_v.view(-1, num_kv_heads, head_dim)[slots[keep]] = value[keep].to(cache_dtype)
+
+    _ops.reshape_and_cache(key, value, key_cache, value_cache, slots)
+    # Bitwise: the same rounding, not merely close. NaNs only as NaNs: torch's own scalar and
+    # vectorized conversions disagree on the payload (0x7FC0 against 0xFFFF).
+    nan = expect_k.isnan()
+    assert torch.equal(key_cache.isnan(), nan) and bool(nan.any())
+    assert torch.equal(key_cache.view(torch.int16)[~nan], expect_k.view(torch.int16)[~nan])
+    assert torch.equal(value_cache.view(torch.int16), expect_v.view(torch.int16))
+
+
+def test_reshape_and_cache_strided_fp32_rows_into_bf16_cache():
+    key_cache, value_cache = make_cache(4, 16, 2, 64, torch.bfloat16, "cpu")
+    fused = torch.randn(10, 3 * 2 * 64)
+    key, value = fused[:, 128:256].view(10, 2, 64), fused[:, 256:].view(10, 2, 64)
+    slot_mapping = torch.arange(10) * 3
+    _ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    assert torch.equal(key_cache.view(-1, 2, 64)[slot_mapping], key.to(torch.bfloat16))
+    assert torch.equal(value_cache.view(-1, 2, 64)[slot_mapping], value.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("key_dtype,cache_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_reshape_and_cache_unsupported_dtype_pairs_name_the_arguments(key_dtype, cache_dtype):
+    key_cache, value_cache = make_cache(2, 8, 1, 64, cache_dtype, "cpu")
+    key = torch.randn(2, 1, 64).to(key_dtype)
+    with pytest.raises(RuntimeError, match=r"key_cache dtype .* differs from key dtype .*needs key in float32"):
+        torch.ops.pyserve.reshape_and_cache(key, key, key_cache, value_cache, torch.tensor([0, 1]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reshape_and_cache_strided_rows(device):
     # K and V as views into one fused projection output.
@@ -125,8 +186,12 @@ def test_opcheck_cache_ops():
     torch.library.opcheck(torch.ops.pyserve.reshape_and_cache.default,
                           (torch.randn(5, 2, 64), torch.randn(5, 2, 64), key_cache, value_cache,
                            torch.tensor([0, 3, -1, 9, 20])))
+    low_k, low_v = make_cache(6, 8, 2, 64, torch.bfloat16, "cpu")
+    torch.library.opcheck(torch.ops.pyserve.reshape_and_cache.default,
+                          (torch.randn(5, 2, 64), torch.randn(5, 2, 64), low_k, low_v, torch.tensor([0, 3, -1, 9, 20])))
     torch.library.opcheck(torch.ops.pyserve.copy_blocks.default,
                           (key_cache, value_cache, torch.tensor([[0, 2], [1, 3]])))
+    torch.library.opcheck(torch.ops.pyserve.copy_blocks.default, (low_k, low_v, torch.tensor([[0, 2], [1, 3]])))
     torch.library.opcheck(torch.ops.pyserve.compute_slot_mapping.default,
                           (torch.tensor([[2, 0], [1, 3]], dtype=torch.int32), torch.tensor([9, 3], dtype=torch.int32),
                            torch.tensor([0, 2, 5], dtype=torch.int32), 8, 6))

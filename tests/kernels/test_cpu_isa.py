@@ -29,8 +29,9 @@ LACKING = [v for v in INFO["cpu_isa_variants"] if v not in RUNNABLE]
 # The suite runs every kernel test under the active variant (the widest, unless PYSERVE_CPU_ISA says
 # otherwise). Under each other variant this CPU runs, a subprocess reruns these cases: every op of
 # the per-variant sources in every dtype, row lengths on and off the vector width, head dims 80 to
-# 256, windows and soft-caps, the sampling filters and top logprobs, the quantized matmul of each
-# format (its non-finite rows, its batch invariance). About 11-16 s per variant (3 s of it the
+# 256, windows and soft-caps, attention of an fp32 query over bf16 / fp16 caches, the sampling
+# filters and top logprobs, the quantized matmul of each format (its non-finite rows, its batch
+# invariance). About 11-16 s per variant (3 s of it the
 # interpreter and torch); an id that no longer exists fails the run.
 SUBSET = {
     "test_build_info.py": ["test_active_variant_is_pyserve_cpu_isa_or_the_widest"],
@@ -54,6 +55,13 @@ SUBSET = {
         "test_window_and_soft_cap_dtypes[70-3.0-256-dtype0-cpu]", "test_soft_cap_mixed_batch[8-2-16-128-30.0-cpu]",
         "test_sliding_window_mixed_batch[9-3-16-64-70-cpu]", "test_decode_only_default_model_shape[cpu]",
         "test_strided_query[cpu]",
+        # --kv-cache-dtype: an fp32 query over bf16 / fp16 caches (the widening loads of cpu/vec.h).
+        "test_fp32_query_low_precision_cache[9-3-16-128-cache_dtype0]",
+        "test_fp32_query_low_precision_cache[8-1-32-80-cache_dtype1]",
+        "test_fp32_query_low_precision_cache[4-4-8-256-cache_dtype0]",
+        "test_fp32_query_low_precision_cache_window_and_soft_cap[70-3.0-cache_dtype0]",
+        "test_fp32_query_low_precision_cache_window_and_soft_cap[None-20.0-cache_dtype1]",
+        "test_fp32_query_bf16_cache_decode_default_model_shape",
     ],
     "test_sampling.py": [
         "test_greedy_is_argmax[32003-dtype2-cpu]", "test_greedy_is_argmax[7-dtype0-cpu]",

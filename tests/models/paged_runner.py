@@ -13,10 +13,11 @@ from pyserve.models import AttentionMetadata, LlamaModel
 
 
 class PagedRunner:
-    def __init__(self, model: LlamaModel, block_size: int = 16, num_blocks: int = 256):
+    def __init__(self, model: LlamaModel, block_size: int = 16, num_blocks: int = 256,
+                 kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         self.block_size = block_size
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, kv_cache_dtype)
         # Hand out blocks in a scrambled order so no sequence's blocks are contiguous.
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
 

@@ -22,6 +22,8 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
     (["--device", "tpu"], "--device"),
     (["--model", "/nonexistent"], "/nonexistent"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
+    (["--kv-cache-dtype", "float32", "--dtype", "bfloat16"], "--kv-cache-dtype float32"),
 ])
 def test_bad_arguments_exit_2(args, needle):
     r = _run(*args)
