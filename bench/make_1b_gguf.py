@@ -125,8 +125,14 @@ def quantize(src: Path, dst: Path, qtype: str) -> None:
 
     tool = compare.ensure_llama_tool("llama-quantize")
     tmp = dst.with_suffix(".tmp")
-    subprocess.run([str(tool), str(src), str(tmp), qtype, str(os.cpu_count() or 1)], check=True,
-                   stdout=subprocess.DEVNULL)
+    # It logs a line per tensor: kept whole only when it fails; otherwise its size summary is enough.
+    r = subprocess.run([str(tool), str(src), str(tmp), qtype, str(os.cpu_count() or 1)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        sys.exit(f"{tool} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    for line in (r.stdout + r.stderr).splitlines():
+        if "model size" in line or "quant size" in line:
+            print("  " + line.split(":", 1)[-1].strip())
     os.replace(tmp, dst)
 
 
