@@ -63,6 +63,35 @@ def _q4_1(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(-1, 32)
 
 
+def _fifth_bits(qh: np.ndarray, q: np.ndarray) -> None:
+    """OR bit j of each block's little-endian u32 qh into element j of q (n, 2, 16) as its bit 4."""
+    bits = (qh.view("<u4") >> np.arange(32, dtype=np.uint32)) & 1  # (n, 32): element j's 5th bit
+    q |= (bits.astype(np.uint8) << 4).reshape(-1, 2, 16)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | qh: u32 | qs: 16 bytes; as Q4_0 with bit j of qh as element j's 5th bit, x = d * (q - 16).
+    # llama-quantize writes it where a K-quant cannot go (rows not a multiple of 256) in Q4_K_M files.
+    q = np.empty((len(blocks), 2, 16), np.uint8)
+    _nibbles(blocks[:, 6:22], q)
+    _fifth_bits(blocks[:, 2:6], q)
+    out = q.astype(_F32)
+    out -= 16
+    out *= _f16(blocks, 0)[:, :, None]
+    return out.reshape(-1, 32)
+
+
+def _q5_1(blocks: np.ndarray) -> np.ndarray:
+    # d: f16 | m: f16 | qh: u32 | qs: 16 bytes; x = d * q + m (Q5_K_M's fallback type).
+    q = np.empty((len(blocks), 2, 16), np.uint8)
+    _nibbles(blocks[:, 8:24], q)
+    _fifth_bits(blocks[:, 4:8], q)
+    out = q.astype(_F32)
+    out *= _f16(blocks, 0)[:, :, None]
+    out += _f16(blocks, 2)[:, :, None]
+    return out.reshape(-1, 32)
+
+
 def _q8_0(blocks: np.ndarray) -> np.ndarray:
     # d: f16 | qs: 32 x int8.
     out = blocks[:, 2:].view(np.int8).astype(_F32)
@@ -144,6 +173,8 @@ KERNELS: dict[int, Callable[[np.ndarray], np.ndarray]] = {
     GGMLType.BF16: _bf16,
     GGMLType.Q4_0: _q4_0,
     GGMLType.Q4_1: _q4_1,
+    GGMLType.Q5_0: _q5_0,
+    GGMLType.Q5_1: _q5_1,
     GGMLType.Q8_0: _q8_0,
     GGMLType.Q4_K: _q4_k,
     GGMLType.Q5_K: _q5_k,

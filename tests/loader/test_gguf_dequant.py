@@ -15,9 +15,9 @@ from pyserve.loader.gguf_weights import load_tensors
 
 gguf = pytest.importorskip("gguf")
 
-SUPPORTED = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+SUPPORTED = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 # Byte offsets of the fp16 scales in each block: random bits there could be NaN/inf.
-F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 
 
 def _random_blocks(name: str, rows: int, blocks_per_row: int, rng: np.random.Generator) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_random_blocks_match_gguf_py(name, rows, blocks_per_row):
     _assert_same(dequantize(raw, int(qtype), name), gguf.quants.dequantize(raw, qtype))
 
 
-@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_quantized_floats_match_gguf_py(name):
     # The types gguf-py can quantize: real-looking data, including all-zero blocks.
     qtype = gguf.GGMLQuantizationType[name]
