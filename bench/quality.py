@@ -220,16 +220,23 @@ def divergence(quant: ChunkForward, ref: ChunkForward, chunks: list[list[int]]) 
                 quant_forward_ppl=math.exp(nll_q / n), wall_s=round(time.perf_counter() - t0, 1))
 
 
-def weight_types(gguf: Path) -> str:
-    """The file's tensor types by share of weights, e.g. "Q4_K 77%, Q6_K 21%, F32 1%"."""
+def weight_types(gguf: Path) -> tuple[str, float]:
+    """The file's tensor types by share of weights, e.g. "Q4_K 77%, Q6_K 21%, F32 1%", and the share that
+    pyserve's quantized kernels run (the rest is dequantized at load: a type without a kernel, such as
+    llama-quantize's Q5_0 fallback for rows not a multiple of 256, or a 1-D tensor)."""
     from pyserve.loader import read_gguf
+    from pyserve.models.layers.quantized import kernel_runs
 
+    kinds: dict[str, int] = {}
+    on_kernels = 0
     with read_gguf(gguf) as g:
-        kinds: dict[str, int] = {}
         for t in g.tensors.values():
             kinds[t.type_name] = kinds.get(t.type_name, 0) + t.n_elements
+            if len(t.shape) == 2 and kernel_runs(t.ggml_type, t.shape[1]):
+                on_kernels += t.n_elements
     total = sum(kinds.values())
-    return ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    names = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return names, on_kernels / total
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,7 +355,7 @@ def main() -> None:
 
     for gguf in models:
         row = measure(gguf, ids, bos, text_file, num_chunks, args)
-        row["weights"] = weight_types(gguf)
+        row["weights"], row["on_quantized_kernels"] = weight_types(gguf)
         if gguf in made:
             row["made_with"] = f"llama-quantize --allow-requantize {models[0].name} {gguf.name} {made[gguf]}"
         result["models"].append(row)
@@ -359,7 +366,8 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=1))
     print(table(result["models"]))
     for r in result["models"]:
-        print(f"{r['file']}: weights {r['weights']}; pyserve KV cache {r['kv_cache_dtype']}"
+        print(f"{r['file']}: weights {r['weights']} ({100 * r['on_quantized_kernels']:.0f}% on pyserve's "
+              f"quantized kernels); pyserve KV cache {r['kv_cache_dtype']}"
               + (f", llama.cpp KV cache {r['llama']['kv_cache']}; running PPL max deviation "
                  f"{100 * r['max_running_dev']:.2f}%" if "llama" in r and r.get("max_running_dev") is not None else "")
               + (f"; made with `{r['made_with']}` (no F16 source ships)" if "made_with" in r else ""))
