@@ -130,11 +130,13 @@ def llama_perplexity(gguf: Path, text_file: Path, num_chunks: int) -> dict:
     if p.returncode or not final:
         raise RuntimeError(f"llama-perplexity failed ({p.returncode}):\n{out[-3000:]}")
     n = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+)", out)
+    # At this log level the tool prints neither its KV cache type nor its build: f16 is its default type
+    # (no -ctk/-ctv given); the build is the llama.cpp vendored in this llama-cpp-python sdist version.
     kv = re.search(r"llama_kv_cache: .*K \((\w+)\)", out)
-    build = re.search(r"build: (\S+ \([^)]*\))", out)
     return dict(ppl=float(final.group(1)), ppl_err=float(final.group(2)), chunks=int(n.group(1)),
                 n_ctx=int(n.group(2)), running=[float(x) for x in re.findall(r"\[\d+\]([\d.]+),", out)],
-                kv_cache=kv.group(1) if kv else None, build=build.group(1) if build else None,
+                kv_cache=kv.group(1) if kv else "f16 (default)",
+                build=f"llama.cpp vendored in llama-cpp-python {tool.parent.name}",
                 wall_s=round(wall, 1), command=" ".join(cmd))
 
 
@@ -254,7 +256,12 @@ def measure(gguf: Path, ids: list[int], bos: int | None, text_file: Path, num_ch
             raise RuntimeError(f"llama-perplexity scored {row['llama']['chunks']} chunks of "
                                f"{row['llama']['n_ctx']}, not {num_chunks} of {N_CTX}")
     # Small KV caches: the engine holds a few chunks at once, and two engines are loaded for the KL pass.
-    quant = LLM(gguf, kv_cache_memory=0.25, max_num_seqs=8)
+    try:
+        quant = LLM(gguf, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=0.25, max_num_seqs=8)
+    except Exception as e:  # noqa: BLE001 - a file pyserve cannot load is a finding, not the end of the run
+        row["pyserve_error"] = f"{type(e).__name__}: {e}"
+        log(f"{gguf.name}: pyserve cannot load it: {row['pyserve_error']}")
+        return row
     row["kv_cache_dtype"] = str(quant.engine.kv_cache_dtype).removeprefix("torch.")
     row["pyserve"] = engine_perplexity(quant, chunks)
     log(f"{gguf.name}: pyserve PPL {row['pyserve']['ppl']:.4f} (engine, quantized kernels, "
@@ -283,6 +290,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ll = r.get("llama")
         kl = r.get("kl")
+        if "pyserve" not in r:
+            lines.append(f"| {r['file']} | (cannot load) | " + (f"{ll['ppl']:.4f} ± {ll['ppl_err']:.4f}" if ll else "-")
+                         + " | - | NO | - | - | - |")
+            continue
         lines.append("| " + " | ".join([
             r["file"], f"{r['pyserve']['ppl']:.4f}",
             f"{ll['ppl']:.4f} ± {ll['ppl_err']:.4f}" if ll else "-",
@@ -305,6 +316,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", type=Path, help="GGUF files (default: the default model)")
     ap.add_argument("--quant-types", nargs="*", default=["Q8_0", "Q4_K_M"],
                     help="also files of these types made from the first model with llama-quantize")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="the quantized run's KV cache (float32 isolates the kernels' share of the KL)")
     ap.add_argument("--no-llama", action="store_true", help="pyserve only (no llama.cpp build needed)")
     ap.add_argument("--no-kl", action="store_true", help="skip the fp32-path load and the KL pass")
     ap.add_argument("--no-token-check", action="store_true", help="skip comparing with llama.cpp's tokens")
@@ -366,6 +379,10 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=1))
     print(table(result["models"]))
     for r in result["models"]:
+        if "pyserve_error" in r:
+            print(f"{r['file']}: weights {r['weights']}; pyserve cannot load it: {r['pyserve_error']}"
+                  + (f"; made with `{r['made_with']}` (no F16 source ships)" if "made_with" in r else ""))
+            continue
         print(f"{r['file']}: weights {r['weights']} ({100 * r['on_quantized_kernels']:.0f}% on pyserve's "
               f"quantized kernels); pyserve KV cache {r['kv_cache_dtype']}"
               + (f", llama.cpp KV cache {r['llama']['kv_cache']}; running PPL max deviation "
