@@ -22,6 +22,10 @@ first K = ceil(--tokens / 512) chunks are scored. Our tokenization of the whole 
 token against llama.cpp's (llama-server's /tokenize, same build), so both sides score the same ids.
 
     python bench/quality.py [--tokens 20480] [--models GGUF ...] [--quant-types Q8_0 Q4_K_M] [--json PATH]
+                            [--kv-cache-dtype auto] [--no-llama] [--no-kl] [--no-token-check]
+
+A file pyserve cannot load (Q4_K_M of this model: llama-quantize writes Q5_0 for its 576-wide rows, which
+pyserve does not read) is reported with llama.cpp's figure alone.
 """
 
 from __future__ import annotations
