@@ -18,7 +18,7 @@ MODEL_STAMP := $(VENV)/.model-$(subst =,,$(MODEL))
 EXT_STAMP := build/.installed-$(or $(PYSERVE_TARGET_DEVICE),auto)
 EXT_SOURCES := $(shell find csrc cmake -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench quality clean
 
 setup: $(EXT_STAMP) $(MODEL_STAMP)
 
@@ -56,6 +56,11 @@ bench: setup
 	$(PY) bench/kernels/bench_quant_linear.py
 	$(PY) bench/load_gguf.py
 	$(PY) bench/offline_throughput.py
+
+# Perplexity next to llama.cpp's llama-perplexity (builds llama.cpp's tools once, ~10-15 minutes), and the
+# quantized path's KL divergence from the dequantized fp32 path (bench/README.md).
+quality: setup
+	$(PY) bench/quality.py $(ARGS)
 
 clean:
 	rm -rf build pyserve/_C*.so *.egg-info
