@@ -58,7 +58,6 @@ struct Block32 {
   static constexpr int64_t kScaleBytes = F::kHasMin ? 32 : 16;
   static constexpr int64_t kQsBytes = F::kNibbles ? 128 : 256;
   static constexpr int64_t kTileBlockBytes = kScaleBytes + kQsBytes;
-  static constexpr int64_t kPrefetchBytes = 4096;
 
   // Unsigned quant of row r, element e (< 32) in a packed tile block's qs.
   static int u_at(const uint8_t* qs, int64_t r, int e) {
@@ -137,18 +136,7 @@ struct Block32 {
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
-      if (a.m <= kMaxRows) {  // a decode call streams the weight once: ask for it a few blocks ahead
-        // Near its tile's end the lookahead moves on to the same tile of the
-        // next pair (two tiles on), whose stream would otherwise start cold:
-        // with short rows (the LM head's 18 blocks) that restart is frequent.
-        const int64_t ahead = (b * kTileBlockBytes + kPrefetchBytes < nb * kTileBlockBytes)
-                                  ? kPrefetchBytes
-                                  : kPrefetchBytes + nb * kTileBlockBytes;
-        for (int64_t l = 0; l < kTileBlockBytes; l += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(pa + ahead + l), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(pb + ahead + l), _MM_HINT_T0);
-        }
-      }
+      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, nb);  // driver.h
       auto halves16 = [](const uint8_t* x, const uint8_t* y) {
         return _mm512_cvtph_ps(_mm256_inserti128_si256(
             _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),

@@ -142,6 +142,7 @@ struct QK45 {
     for (int64_t b = 0; b < a.nb; ++b) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
+      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
       const __m512 dw = halves16(pa, pb), dmw = halves16(pa + 16, pb + 16);
       __m512i isum[R], msum[R];
       for (int r = 0; r < R; ++r) isum[r] = msum[r] = _mm512_setzero_si512();

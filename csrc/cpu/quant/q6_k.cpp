@@ -127,6 +127,7 @@ struct Q6K {
     for (int64_t b = 0; b < a.nb; ++b) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
+      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
       const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
           _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pa))),
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)), 1));
