@@ -39,26 +39,30 @@ constexpr int kMaxRows = 8;
 constexpr int kMaxRows = 4;
 #endif
 
-#if defined(PYSERVE_QUANT_VNNI)
-// A decode call (m <= kMaxRows) streams its weight once: the AVX-512 kernels
-// ask for block b's bytes kPrefetchBytes ahead in each of their two tiles
-// (pa, pb: block b of each). Near a tile's end the lookahead moves on to the
-// same tile of the next pair (two tiles on), whose stream would otherwise
-// start cold: with short rows (the LM head's 18 blocks) that restart is
-// frequent. Into L2 (T1), not L1: on the development machine's EPYC,
-// prefetcht0 held the LM head at ~10 GB/s on one core, prefetcht1 at ~19 GB/s
-// (bench_quant_linear, m = 1, one thread).
+#if defined(PYSERVE_QUANT_VNNI) || defined(PYSERVE_QUANT_AVX2)
+// A decode call (m <= kMaxRows) streams its weight once: the SIMD kernels
+// ask for block b's bytes kPrefetchBytes ahead in each tile they read (p:
+// block b of the tile). Near a tile's end the lookahead moves on into the
+// following tile(s), whose stream would otherwise start cold: with short
+// rows (the LM head's 18 blocks) that restart is frequent. Into L2 (T1), not
+// L1: on the development machine's EPYC, prefetcht0 held the LM head at
+// ~10 GB/s on one core, prefetcht1 at ~19 GB/s (bench_quant_linear, m = 1,
+// one thread).
 constexpr int64_t kPrefetchBytes = 4096;
 
 template <int64_t kTileBlockBytes>
-inline void prefetch_ahead(const uint8_t* pa, const uint8_t* pb, int64_t b, int64_t nb) {
+inline void prefetch_ahead(const uint8_t* p, int64_t b, int64_t nb) {
   const int64_t ahead = (b * kTileBlockBytes + kPrefetchBytes < nb * kTileBlockBytes)
                             ? kPrefetchBytes
                             : kPrefetchBytes + nb * kTileBlockBytes;
-  for (int64_t l = 0; l < kTileBlockBytes; l += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(pa + ahead + l), _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(pb + ahead + l), _MM_HINT_T1);
-  }
+  for (int64_t l = 0; l < kTileBlockBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + l), _MM_HINT_T1);
+}
+
+// The AVX-512 kernels' two tiles (pa, pb: block b of each).
+template <int64_t kTileBlockBytes>
+inline void prefetch_ahead(const uint8_t* pa, const uint8_t* pb, int64_t b, int64_t nb) {
+  prefetch_ahead<kTileBlockBytes>(pa, b, nb);
+  prefetch_ahead<kTileBlockBytes>(pb, b, nb);
 }
 #endif
 

@@ -184,6 +184,7 @@ struct Q6K {
     };
     for (int64_t b = 0; b < a.nb; ++b) {
       const uint8_t* p = t + b * kTileBlockBytes;
+      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(p, b, a.nb);  // driver.h
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       __m256i isum[R];
       for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
