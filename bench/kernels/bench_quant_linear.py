@@ -28,6 +28,7 @@ from pyserve import _ops
 from pyserve.models.linear import Linear
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import build_baseline  # noqa: E402
 from timing import cpu_copy_bandwidth, timed_side_by_side  # noqa: E402
 
 # (name, in_features, out_features)
@@ -58,6 +59,9 @@ def main() -> None:
     p.add_argument("--layers", default=",".join(name for name, _, _ in LAYERS))
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--baseline", default=None,
+                   help="library from build_baseline.py: its quant_linear is timed side by side as '<format> base' "
+                        "(weights packed by its own quant_pack)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     p.add_argument("--thread-time", action="store_true",
                    help="with --threads 1: time the calling thread's CPU time, not wall time (a busy machine)")
@@ -67,6 +71,9 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     formats = a.formats.split(",")
+    base_ops = build_baseline.load(a.baseline) if a.baseline else None
+    if base_ops is not None:
+        formats = [g for f in formats for g in (f, f + " base")]
     rows_list = [int(m) for m in a.rows.split(",")]
     layers = [layer for layer in LAYERS if layer[0] in a.layers.split(",")]
     copy_bw = cpu_copy_bandwidth()
@@ -77,23 +84,27 @@ def main() -> None:
             w = torch.randn(n, k, generator=gen) * 0.05
             quant = {}
             for f in formats:
-                t = FORMATS[f]
+                t = FORMATS[f.removesuffix(" base")]
                 if k % _ops.QUANT_FORMATS[t][0]:
                     continue  # a K-quant needs in_features % 256 == 0 (not the default model's 576)
-                packed = _ops.quant_pack(blocks_of(w, t), t, k)
-                quant[f] = (t, packed)
+                ops = base_ops if f.endswith(" base") else torch.ops.pyserve
+                packed = ops.quant_pack(blocks_of(w, t), t, k)
+                quant[f] = (t, packed, ops)
             first = next(iter(quant.values()))
-            dense = Linear(_ops.quant_dequant_rows(first[1], torch.arange(n), first[0], n, k))
+            dense = Linear(_ops.quant_dequant_rows(first[1], torch.arange(n), first[0], n, k))  # first: not a base
             for m in rows_list:
                 x = torch.randn(m, k, generator=gen)
                 fns = {"fp32": lambda: dense(x)}
-                for f, (t, packed) in quant.items():
-                    fns[f] = lambda t=t, packed=packed: _ops.quant_linear(x, packed, t, n, k)
+                for f, (t, packed, ops) in quant.items():
+                    fns[f] = lambda t=t, packed=packed, ops=ops: ops.quant_linear(x, packed, t, n, k, None)
                 iters = a.iters if n * k * max(m, 8) < (1 << 28) else max(5, a.iters // 3)
-                times = timed_side_by_side(fns, iters, a.warmup, "cpu", thread_time=a.thread_time)
+                # With a baseline: a random order each round, so that neither copy always follows the fp32 call
+                # (whose 4x larger weight leaves the caches cold).
+                times = timed_side_by_side(fns, iters, a.warmup, "cpu", thread_time=a.thread_time,
+                                           shuffle=base_ops is not None)
                 t_dense = times["fp32"][0]
                 row = {"layer": name, "m": m, "k": k, "n": n, "fp32_us": t_dense * 1e6}  # medians
-                for f, (t, packed) in quant.items():
+                for f, (t, packed, _) in quant.items():
                     med, best = times[f]
                     row[f] = {"us": med * 1e6, "min_us": best * 1e6, "speedup_vs_fp32": t_dense / med,
                               "weight_bytes": packed.numel(), "gb_s": packed.numel() / med / 1e9,

@@ -18,13 +18,19 @@ namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 struct Q8Rows {
   int64_t m = 0, k = 0, nb = 0, block = 32, group = 32;
+  int64_t ns = 0;                // k / group, kept so that row_s costs no division in a kernel's loop
   std::unique_ptr<int8_t[]> q;   // [m, k]
   std::unique_ptr<float[]> d;    // [m, k / block]
   std::unique_ptr<int32_t[]> s;  // [m, k / group]
+  // [m, k / block] d * float(s) when group == block (else empty): the fp32
+  // product a block-32 kernel with a min would otherwise form per output
+  // tile (the same rounding either way: one fp32 multiply of the same values).
+  std::unique_ptr<float[]> ds;
 
   const int8_t* row_q(int64_t i) const { return q.get() + i * k; }
   const float* row_d(int64_t i) const { return d.get() + i * nb; }
-  const int32_t* row_s(int64_t i) const { return s.get() + i * (k / group); }
+  const int32_t* row_s(int64_t i) const { return s.get() + i * ns; }
+  const float* row_ds(int64_t i) const { return ds.get() + i * nb; }
 };
 
 // Quantizes m rows of k floats (rows ldx floats apart; k a multiple of block;

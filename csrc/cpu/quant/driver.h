@@ -23,10 +23,48 @@
 
 #include "cpu/quant/activations.h"
 #include "cpu/quant/format.h"
+#include "cpu/quant/simd.h"
 
 namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
-constexpr int kMaxRows = 4;  // activation rows per kernel call: each unpacked weight block serves 4 rows
+// Activation rows per kernel call: each unpacked weight block serves this many
+// rows. AVX-512 has 32 zmm registers: 8 rows keep 8 accumulators next to the
+// 8 unpacked weight vectors of a block (a few spill in the K-quants, whose
+// accumulators change once per super-block); AVX2's 16 ymm hold 4. The rows
+// per call change nothing in a row's arithmetic (one lane per column, blocks
+// in order), so results stay independent of m.
+#if defined(PYSERVE_QUANT_VNNI)
+constexpr int kMaxRows = 8;
+#else
+constexpr int kMaxRows = 4;
+#endif
+
+#if defined(PYSERVE_QUANT_VNNI) || defined(PYSERVE_QUANT_AVX2)
+// A decode call (m <= kMaxRows) streams its weight once: the SIMD kernels
+// ask for block b's bytes kPrefetchBytes ahead in each tile they read (p:
+// block b of the tile). Near a tile's end the lookahead moves on into the
+// following tile(s), whose stream would otherwise start cold: with short
+// rows (the LM head's 18 blocks) that restart is frequent. Into L2 (T1), not
+// L1: on the development machine's EPYC, prefetcht0 held the LM head at
+// ~10 GB/s on one core, prefetcht1 at ~19 GB/s (bench_quant_linear, m = 1,
+// one thread).
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <int64_t kTileBlockBytes>
+inline void prefetch_ahead(const uint8_t* p, int64_t b, int64_t nb) {
+  const int64_t ahead = (b * kTileBlockBytes + kPrefetchBytes < nb * kTileBlockBytes)
+                            ? kPrefetchBytes
+                            : kPrefetchBytes + nb * kTileBlockBytes;
+  for (int64_t l = 0; l < kTileBlockBytes; l += 64) _mm_prefetch(reinterpret_cast<const char*>(p + ahead + l), _MM_HINT_T1);
+}
+
+// The AVX-512 kernels' two tiles (pa, pb: block b of each).
+template <int64_t kTileBlockBytes>
+inline void prefetch_ahead(const uint8_t* pa, const uint8_t* pb, int64_t b, int64_t nb) {
+  prefetch_ahead<kTileBlockBytes>(pa, b, nb);
+  prefetch_ahead<kTileBlockBytes>(pb, b, nb);
+}
+#endif
 
 template <class K>
 void run_tiles(const Q8Rows& a, const uint8_t* packed, int64_t t0, int64_t t1, int64_t out_features,
@@ -42,6 +80,12 @@ void run_tiles(const Q8Rows& a, const uint8_t* packed, int64_t t0, int64_t t1, i
     for (int64_t i = 0; i < a.m; i += kMaxRows) {
       const int64_t rows = std::min<int64_t>(kMaxRows, a.m - i);
       switch (rows) {
+#if defined(PYSERVE_QUANT_VNNI)
+        case 8: K::template unit<8>(a, i, tp, tile_bytes, pair, res); break;
+        case 7: K::template unit<7>(a, i, tp, tile_bytes, pair, res); break;
+        case 6: K::template unit<6>(a, i, tp, tile_bytes, pair, res); break;
+        case 5: K::template unit<5>(a, i, tp, tile_bytes, pair, res); break;
+#endif
         case 4: K::template unit<4>(a, i, tp, tile_bytes, pair, res); break;
         case 3: K::template unit<3>(a, i, tp, tile_bytes, pair, res); break;
         case 2: K::template unit<2>(a, i, tp, tile_bytes, pair, res); break;

@@ -108,7 +108,7 @@ struct Q6K {
   static void tiles2(const Q8Rows& a, int64_t i0, const uint8_t* ta, const uint8_t* tb, float* res) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
     auto halves32 = [](const uint8_t* x, const uint8_t* y) {
       return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
@@ -117,9 +117,17 @@ struct Q6K {
       return _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
                                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
     };
+    // Group g's 2 high bits (bits 2g, 2g + 1 of a qh byte) moved to bits 4-5
+    // with one 16-bit shift (none for g = 2) and masked: bits that cross from
+    // the neighbouring byte land outside bits 4-5.
+    auto hi_bits = [&](__m512i h, int g) {
+      const __m512i t = g == 0 ? _mm512_slli_epi16(h, 4) : g == 1 ? _mm512_slli_epi16(h, 2) : g == 2 ? h : _mm512_srli_epi16(h, 2);
+      return _mm512_and_si512(t, bits45);
+    };
     for (int64_t b = 0; b < a.nb; ++b) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
+      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
       const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
           _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pa))),
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)), 1));
@@ -131,10 +139,10 @@ struct Q6K {
         __m512i wl[4], wh[4];
         for (int g = 0; g < 4; ++g) {
           const __m512i raw = halves32(pa + kLoOff + 128 * c + 32 * g, pb + kLoOff + 128 * c + 32 * g);
-          const __m512i b0 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h0, 2 * g), low2), 4);
-          const __m512i b1 = _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h1, 2 * g), low2), 4);
-          wl[g] = _mm512_or_si512(_mm512_and_si512(raw, low4), b0);
-          wh[g] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), b1);
+          // 0xCA: low4 ? x : y, a bit select -- low nibble from the quants,
+          // bits 4-5 from the high-bit plane (bits 6-7 of y are zero).
+          wl[g] = _mm512_ternarylogic_epi32(low4, raw, hi_bits(h0, g), 0xCA);
+          wh[g] = _mm512_ternarylogic_epi32(low4, _mm512_srli_epi16(raw, 4), hi_bits(h1, g), 0xCA);
         }
         const __m512i sc0 = scales16(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
         const __m512i sc1 = scales16(pa + kScOff + 16 * c + 8, pb + kScOff + 16 * c + 8);
@@ -169,10 +177,14 @@ struct Q6K {
 #if defined(PYSERVE_QUANT_AVX2)
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), ones16 = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), bits45 = _mm256_set1_epi8(0x30), ones16 = _mm256_set1_epi16(1);
     auto ld = [](const uint8_t* x) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); };
+    auto hi_shift = [](__m256i h, int g) {
+      return g == 0 ? _mm256_slli_epi16(h, 4) : g == 1 ? _mm256_slli_epi16(h, 2) : g == 2 ? h : _mm256_srli_epi16(h, 2);
+    };
     for (int64_t b = 0; b < a.nb; ++b) {
       const uint8_t* p = t + b * kTileBlockBytes;
+      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(p, b, a.nb);  // driver.h
       const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       __m256i isum[R];
       for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
@@ -181,8 +193,9 @@ struct Q6K {
         __m256i wl[4], wh[4];
         for (int g = 0; g < 4; ++g) {
           const __m256i raw = ld(p + kLoOff + 128 * c + 32 * g);
-          const __m256i b0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h0, 2 * g), low2), 4);
-          const __m256i b1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h1, 2 * g), low2), 4);
+          // Bits 2g, 2g + 1 moved to 4-5 by one 16-bit shift (none for g = 2), then masked.
+          const __m256i b0 = _mm256_and_si256(hi_shift(h0, g), bits45);
+          const __m256i b1 = _mm256_and_si256(hi_shift(h1, g), bits45);
           wl[g] = _mm256_or_si256(_mm256_and_si256(raw, low4), b0);
           wh[g] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), b1);
         }
