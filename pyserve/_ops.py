@@ -162,6 +162,7 @@ def rotary_embedding(
 # ggml_type -> (weights per block, bytes per GGUF block, packed bytes per block of QUANT_TILE_ROWS rows);
 # must match csrc/cpu/quant/ (the fakes size quant_pack's result from it).
 QUANT_FORMATS: dict[int, tuple[int, int, int]] = {8: (32, 34, 272), 2: (32, 18, 144), 3: (32, 20, 160),
+                                                   6: (32, 22, 272), 7: (32, 24, 288),
                                                    12: (256, 144, 1184), 13: (256, 176, 1440), 14: (256, 210, 1680)}
 QUANT_TILE_ROWS = 8
 

@@ -11,12 +11,13 @@ from gguf.quants import dequantize, quantize
 
 # ggml_type -> gguf's enum, for the formats the kernels cover.
 QTYPES = {8: GGMLQuantizationType.Q8_0, 2: GGMLQuantizationType.Q4_0, 3: GGMLQuantizationType.Q4_1,
+          6: GGMLQuantizationType.Q5_0, 7: GGMLQuantizationType.Q5_1,
           12: GGMLQuantizationType.Q4_K, 13: GGMLQuantizationType.Q5_K, 14: GGMLQuantizationType.Q6_K}
 # Formats gguf can quantize (ggml's reference quantizers); the others' test weights are random valid blocks.
-QUANTIZABLE = (8, 2, 3)
+QUANTIZABLE = (8, 2, 3, 6, 7)
 # Weights per block; also the activations' scale block in our kernels (Q8_0-like for 32, Q8_K-like for 256).
-BLOCK_ELEMS = {8: 32, 2: 32, 3: 32, 12: 256, 13: 256, 14: 256}
-BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 12: 144, 13: 176, 14: 210}
+BLOCK_ELEMS = {8: 32, 2: 32, 3: 32, 6: 32, 7: 32, 12: 256, 13: 256, 14: 256}
+BLOCK_BYTES = {8: 34, 2: 18, 3: 20, 6: 22, 7: 24, 12: 144, 13: 176, 14: 210}
 
 
 def random_weight(n: int, k: int, seed: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tests.kernels.quant_reference import QTYPES, QUANTIZABLE, weight_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ["scalar", "avx2", "avx512", "avx512_vnni"]  # each runs everything the ones before it can
-QUANT_NAMES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"]
+QUANT_NAMES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 INFO = pyserve.build_info()
 RUNNABLE = [v for v in INFO["cpu_isa_variants"] if VARIANTS.index(v) <= VARIANTS.index(INFO["cpu_isa_best"])]
 LACKING = [v for v in INFO["cpu_isa_variants"] if v not in RUNNABLE]

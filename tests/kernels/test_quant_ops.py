@@ -13,7 +13,7 @@ from tests.kernels.quant_reference import (BLOCK_ELEMS, QTYPES, QUANTIZABLE, err
                                            weight_blocks)
 
 TYPES = sorted(QTYPES)
-NAMES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+NAMES = {8: "Q8_0", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 
 
 def make(n, k, ggml_type, seed=0):
@@ -127,7 +127,7 @@ def test_quantize_rows_is_bit_identical_to_gguf(ggml_type):
 
 @pytest.mark.parametrize("ggml_type", QUANTIZABLE, ids=NAMES.get)
 def test_quantize_rows_of_no_rows(ggml_type):
-    assert _ops.quantize_rows(torch.empty(0, 64), ggml_type).shape == (0, 64 // 32 * {8: 34, 2: 18, 3: 20}[ggml_type])
+    assert _ops.quantize_rows(torch.empty(0, 64), ggml_type).shape == (0, 64 // 32 * {8: 34, 2: 18, 3: 20, 6: 22, 7: 24}[ggml_type])
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)

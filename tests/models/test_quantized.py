@@ -111,7 +111,10 @@ def _quantized(rows: int, cols: int, ggml_type: GGMLType, seed: int) -> tuple[Qu
 
 @pytest.mark.parametrize("types", [(GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1),
                                    (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K),
-                                   (GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0)])
+                                   (GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0),
+                                   # llama-quantize's Q4_K_M/Q5_K_M where rows are not whole 256-blocks
+                                   (GGMLType.Q5_0, GGMLType.Q5_0, GGMLType.Q8_0),
+                                   (GGMLType.Q5_1, GGMLType.Q6_K, GGMLType.Q5_0)])
 def test_a_fused_layer_whose_shards_have_different_types(types):
     """A Q4_K_M file keeps attn_v in Q6_K beside Q4_K q and k: each shard writes its columns in place,
     within the int8-activation bound of gguf's dequantized weights (tests/kernels/quant_reference.py)."""

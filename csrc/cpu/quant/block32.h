@@ -1,12 +1,12 @@
 // The machinery shared by the formats of 32-weight blocks with one fp16 scale
-// (and optionally one fp16 min): Q8_0, Q4_0, Q4_1 (Q5_0/Q5_1 would add a
-// fifth-bit plane, as q45_k.cpp does for Q5_K). A
+// (and optionally one fp16 min): Q8_0, Q4_0, Q4_1, and Q5_0/Q5_1 stored one
+// quant per byte (q5_0.cpp). A
 // format file describes its GGUF block with a small struct F and gets its
 // QuantFormat from make_block32_format<F>():
 //
 //   struct F {
 //     static constexpr int64_t kType, kBlockBytes; static constexpr const char* kName;
-//     static constexpr bool kNibbles;  // quants stored as 4-bit (else 8-bit)
+//     static constexpr bool kNibbles;  // quants stored as 4-bit (else one per byte)
 //     static constexpr int kOffset;    // weight = d * (u - kOffset) [+ m], u unsigned
 //     static constexpr bool kHasMin;   // the block carries m
 //     // GGUF block -> its 32 unsigned quants u and the raw fp16 d (and m).
@@ -206,10 +206,12 @@ struct Block32 {
           w[g] = _mm256_and_si256(raw, low4);
           w[4 + g] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
         }
-      } else {
+      } else if constexpr (F::kOffset == 128) {
         // u - 128 as int8: maddubs needs one unsigned operand, so it takes |w|
         // and the activations carry w's sign (|w| * |q_a| * 2 <= 32512: no saturation).
         for (int g = 0; g < 8; ++g) w[g] = _mm256_xor_si256(_mm256_loadu_si256(qs + g), _mm256_set1_epi8(char(0x80)));
+      } else {
+        for (int g = 0; g < 8; ++g) w[g] = _mm256_loadu_si256(qs + g);  // 5-bit u, unsigned as they are
       }
       for (int r = 0; r < R; ++r) {
         const int8_t* q = a.row_q(i0 + r) + 32 * b;
@@ -221,11 +223,19 @@ struct Block32 {
           for (int g = 1; g < 8; ++g)
             p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(load_i32(q + 4 * g))));
           isum = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones16), _mm256_set1_epi32(F::kOffset * s));
-        } else {
+        } else if constexpr (F::kOffset == 128) {
           isum = _mm256_setzero_si256();
           for (int g = 0; g < 8; ++g) {
             const __m256i qa = _mm256_set1_epi32(load_i32(q + 4 * g));
             const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(w[g]), _mm256_sign_epi8(qa, w[g]));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones16));
+          }
+        } else {
+          // 5-bit u (Q5_0/Q5_1): a maddubs pair is <= 31 * 128 * 2 = 7936, so each
+          // group is widened to int32 before the sum (8 groups could pass int16).
+          isum = _mm256_set1_epi32(-F::kOffset * s);
+          for (int g = 0; g < 8; ++g) {
+            const __m256i p16 = _mm256_maddubs_epi16(w[g], _mm256_set1_epi32(load_i32(q + 4 * g)));
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p16, ones16));
           }
         }

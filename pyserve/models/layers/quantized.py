@@ -20,7 +20,7 @@ from pyserve import _ops
 from pyserve.loader.gguf_types import BLOCK_LAYOUT, GGMLType
 
 # The ggml types our CPU kernels run; others are dequantized at load, as before.
-KERNEL_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+KERNEL_TYPES = frozenset({GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
 # --quantization for HF checkpoints: name -> ggml type the linear weights are quantized to at load.
 QUANTIZATIONS = {"q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
 
