@@ -39,6 +39,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -52,6 +53,29 @@ namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 
 inline float half_to_float(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
 inline uint16_t float_to_half(float x) { return c10::Half(x).x; }
+
+// The block's value of largest magnitude, with its sign (the first one on
+// ties), as ggml's symmetric reference quantizers (Q4_0, Q5_0) pick it.
+inline float signed_absmax32(const float* x) {
+  float amax = 0.f, max = 0.f;
+  for (int j = 0; j < 32; ++j) {
+    if (amax < std::fabs(x[j])) {
+      amax = std::fabs(x[j]);
+      max = x[j];
+    }
+  }
+  return max;
+}
+
+// The block's min and max, as ggml's reference quantizers with a min (Q4_1, Q5_1) find them.
+inline void min_max32(const float* x, float* min, float* max) {
+  *min = FLT_MAX;
+  *max = -FLT_MAX;
+  for (int j = 0; j < 32; ++j) {
+    if (x[j] < *min) *min = x[j];
+    if (x[j] > *max) *max = x[j];
+  }
+}
 
 template <class F>
 struct Block32 {

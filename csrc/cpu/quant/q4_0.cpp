@@ -28,13 +28,7 @@ struct Q4_0 {
   // ggml-quants.c quantize_row_q4_0_ref: the signed value of largest magnitude
   // (first one on ties) maps to -8.
   static void quantize_block(const float* x, uint8_t* block) {
-    float amax = 0.f, max = 0.f;
-    for (int j = 0; j < 32; ++j) {
-      if (amax < std::fabs(x[j])) {
-        amax = std::fabs(x[j]);
-        max = x[j];
-      }
-    }
+    const float max = signed_absmax32(x);
     const float d = max / -8.f;
     const float id = d != 0.f ? 1.f / d : 0.f;
     const uint16_t dh = float_to_half(d);

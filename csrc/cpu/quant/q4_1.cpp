@@ -28,11 +28,8 @@ struct Q4_1 {
 
   // ggml-quants.c quantize_row_q4_1_ref.
   static void quantize_block(const float* x, uint8_t* block) {
-    float min = FLT_MAX, max = -FLT_MAX;
-    for (int j = 0; j < 32; ++j) {
-      if (x[j] < min) min = x[j];
-      if (x[j] > max) max = x[j];
-    }
+    float min, max;
+    min_max32(x, &min, &max);
     const float d = (max - min) / 15.f;
     const float id = d != 0.f ? 1.f / d : 0.f;
     const uint16_t dh = float_to_half(d), mh = float_to_half(min);

@@ -37,13 +37,7 @@ struct Q5_0 {
   // ggml-quants.c quantize_row_q5_0_ref: the signed value of largest magnitude
   // (first one on ties) maps to -16.
   static void quantize_block(const float* x, uint8_t* block) {
-    float amax = 0.f, max = 0.f;
-    for (int j = 0; j < 32; ++j) {
-      if (amax < std::fabs(x[j])) {
-        amax = std::fabs(x[j]);
-        max = x[j];
-      }
-    }
+    const float max = signed_absmax32(x);
     const float d = max / -16.f;
     const float id = d != 0.f ? 1.f / d : 0.f;
     const uint16_t dh = float_to_half(d);
