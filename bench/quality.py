@@ -24,8 +24,8 @@ token against llama.cpp's (llama-server's /tokenize, same build), so both sides 
     python bench/quality.py [--tokens 20480] [--models GGUF ...] [--quant-types Q8_0 Q4_K_M] [--json PATH]
                             [--kv-cache-dtype auto] [--no-llama] [--no-kl] [--no-token-check]
 
-A file pyserve cannot load (Q4_K_M of this model: llama-quantize writes Q5_0 for its 576-wide rows, which
-pyserve does not read) is reported with llama.cpp's figure alone.
+A file pyserve cannot load is reported with llama.cpp's figure alone. (Q4_K_M of this model is mostly Q5_0:
+llama-quantize's stand-in where rows, 576 wide here, are not a multiple of 256.)
 """
 
 from __future__ import annotations
@@ -228,8 +228,8 @@ def divergence(quant: ChunkForward, ref: ChunkForward, chunks: list[list[int]]) 
 
 def weight_types(gguf: Path) -> tuple[str, float]:
     """The file's tensor types by share of weights, e.g. "Q4_K 77%, Q6_K 21%, F32 1%", and the share that
-    pyserve's quantized kernels run (the rest is dequantized at load: a type without a kernel, such as
-    llama-quantize's Q5_0 fallback for rows not a multiple of 256, or a 1-D tensor)."""
+    pyserve's quantized kernels run (the rest is dequantized at load: a type without a kernel, or a 1-D
+    tensor)."""
     from pyserve.loader import read_gguf
     from pyserve.models.layers.quantized import kernel_runs
 

@@ -2,8 +2,9 @@
 oneDNN matmul the model runs today (`pyserve.models.linear.Linear`).
 
 Shapes are the default model's (SmolLM2-135M: hidden 576, fused q/k/v 960, gate/up 2 x 1536, down
-1536 -> 576, vocab 49152) plus one weight far larger than the caches (2048 -> 8192), at m = 1, 8, 32 and
-256 rows. Both sides run in one process on the same random weights (the fp32 side gets the dequantized
+1536 -> 576, vocab 49152), a 2048 -> 8192 weight (16-30 MB quantized: it still fits a 32 MB L3 when the
+loop repeats it) and Llama-3-8B's 4096 -> 14336 (33-62 MB: past that L3, so m = 1 reads DRAM), at
+m = 1, 8, 32 and 256 rows. Both sides run in one process on the same random weights (the fp32 side gets the dequantized
 quantized weight), interleaved (bench/kernels/timing.py). At m = 1 a matmul streams its weight once, so
 the table also gives the weight bytes read per second and their share of the machine's copy bandwidth
 (a large torch copy, bytes read + written per second), best sample against best sample (the min is the
@@ -33,8 +34,10 @@ from timing import cpu_copy_bandwidth, timed_side_by_side  # noqa: E402
 
 # (name, in_features, out_features)
 LAYERS = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576),
-          ("lm_head", 576, 49152), ("big", 2048, 8192)]
-FORMATS = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+          ("lm_head", 576, 49152), ("big", 2048, 8192),
+          # Llama-3-8B's MLP: 33-62 MB quantized, past a 32 MB L3, so m = 1 streams it from DRAM every call
+          ("beyond_l3", 4096, 14336)]
+FORMATS = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 # K-quants: GGUF bytes per super-block of 256 and the offset of their fp16 scale(s).
 K_BLOCKS = {12: (144, (0, 2)), 13: (176, (0, 2)), 14: (210, (208,))}
 
