@@ -22,29 +22,13 @@
 // pyserve::cpu's ops are what registration.cpp registers: compiled once for
 // the baseline ISA, the KV-cache ops run there and the others (attention,
 // sampling, layer ops; csrc/cpu/kernel_dispatch.cpp) call the same op of the
-// active ISA variant, below.
-namespace pyserve::cpu {
-#include "ops_decl.inc"
-}  // namespace pyserve::cpu
-
-// The sources compiled once per ISA variant (cmake/cpu_isa.cmake) define
-// their ops in pyserve::cpu::<variant> (PYSERVE_CPU_CAPABILITY). Each variant
-// declares every op; only those of PYSERVE_CPU_KERNEL_SOURCES are defined.
-namespace pyserve::cpu::scalar {
-#include "ops_decl.inc"
-}  // namespace pyserve::cpu::scalar
-
-namespace pyserve::cpu::avx2 {
-#include "ops_decl.inc"
-}  // namespace pyserve::cpu::avx2
-
-namespace pyserve::cpu::avx512 {
-#include "ops_decl.inc"
-}  // namespace pyserve::cpu::avx512
-
-namespace pyserve::cpu::avx512_vnni {
-#include "ops_decl.inc"
-}  // namespace pyserve::cpu::avx512_vnni
+// active ISA variant. The sources compiled once per ISA variant
+// (cmake/cpu_isa.cmake) define their ops in pyserve::cpu::<variant>
+// (PYSERVE_CPU_CAPABILITY). Each variant declares every op; only those of
+// PYSERVE_CPU_KERNEL_SOURCES are defined.
+#define PYSERVE_OPS_DECL "ops_decl.inc"
+#include "cpu/declare_per_variant.inc"
+#undef PYSERVE_OPS_DECL
 
 namespace pyserve::cuda {
 #include "ops_decl.inc"

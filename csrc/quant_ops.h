@@ -16,22 +16,6 @@
 #include <cstdint>
 #include <optional>
 
-namespace pyserve::cpu {
-#include "quant_ops_decl.inc"
-}  // namespace pyserve::cpu
-
-namespace pyserve::cpu::scalar {
-#include "quant_ops_decl.inc"
-}  // namespace pyserve::cpu::scalar
-
-namespace pyserve::cpu::avx2 {
-#include "quant_ops_decl.inc"
-}  // namespace pyserve::cpu::avx2
-
-namespace pyserve::cpu::avx512 {
-#include "quant_ops_decl.inc"
-}  // namespace pyserve::cpu::avx512
-
-namespace pyserve::cpu::avx512_vnni {
-#include "quant_ops_decl.inc"
-}  // namespace pyserve::cpu::avx512_vnni
+#define PYSERVE_OPS_DECL "quant_ops_decl.inc"
+#include "cpu/declare_per_variant.inc"
+#undef PYSERVE_OPS_DECL
