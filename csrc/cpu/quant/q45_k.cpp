@@ -8,10 +8,11 @@
 // Packed tile block (8 rows, one super-block of each): the 6-bit scales and
 // mins unpacked to bytes (4 bytes per row more than GGUF's 12, +3%):
 //   fp16 d[8] at 0, fp16 dmin[8] at 16, uint8 sc[8][8] at 32, uint8 m[8][8] at
-//   96 (sub-block major), then sub-block j's 32 weights as a block-32 4-bit
-//   tile block (block32.h) at 160 + 128 j; Q5_K: then sub-block j's fifth bits
-//   at 1184 + 32 j, byte r * 4 + i: bit g = weight 4g + i, bit 4 + g = weight
-//   16 + 4g + i (g < 4).
+//   96 (sub-block major), then sub-block j at lo_off(j): its 32 weights as a
+//   block-32 4-bit tile block (block32.h), 128 bytes; Q5_K: followed by its
+//   fifth bits, 32 bytes, byte r * 4 + i: bit g = weight 4g + i, bit 4 + g =
+//   weight 16 + 4g + i (g < 4). A sub-block's planes sit together so that the
+//   kernels read a tile block front to back (as Q6_K, q6_k.cpp).
 //
 // Result of row i, column j (every path): for each super-block b in order,
 //   isum = sum_j sc[j] * sum_{k in j} u_k q_k,  msum = sum_j m[j] * s_a[j]   (exact int32)
@@ -24,10 +25,15 @@
 namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant {
 namespace {
 
-constexpr int64_t kScOff = 32, kMnOff = 96, kLoOff = 160, kHiOff = 1184;
+constexpr int64_t kScOff = 32, kMnOff = 96;
 
 template <bool kFive>
 struct QK45 {
+  // Sub-block j's low nibbles (128 bytes), then, for Q5_K, its fifth bits
+  // (32): the kernels read a tile block front to back, one stream.
+  static constexpr int64_t lo_off(int64_t j) { return 160 + (kFive ? 160 : 128) * j; }
+  static constexpr int64_t hi_off(int64_t j) { return lo_off(j) + 128; }
+
   static constexpr int64_t kBlockBytes = kFive ? 176 : 144;  // d, dmin, scales[12], [qh[32]], qs[128]
   static constexpr int64_t kTileBlockBytes = kFive ? 1440 : 1184;
   static constexpr int64_t kBlockElems = 256, kActBlock = 256, kActGroup = 16;
@@ -79,14 +85,14 @@ struct QK45 {
           const uint8_t* ur = u[r] + 32 * j;
           for (int g = 0; g < 4; ++g)
             for (int i = 0; i < 4; ++i)
-              o[kLoOff + 128 * j + (g * kTileRows + r) * 4 + i] =
+              o[lo_off(j) + (g * kTileRows + r) * 4 + i] =
                   static_cast<uint8_t>((ur[4 * g + i] & 15) | ((ur[16 + 4 * g + i] & 15) << 4));
           if constexpr (kFive) {
             for (int i = 0; i < 4; ++i) {
               uint8_t v = 0;
               for (int g = 0; g < 4; ++g)
                 v = static_cast<uint8_t>(v | ((ur[4 * g + i] >> 4) << g) | ((ur[16 + 4 * g + i] >> 4) << (4 + g)));
-              o[kHiOff + 32 * j + r * 4 + i] = v;
+              o[hi_off(j) + r * 4 + i] = v;
             }
           }
         }
@@ -95,9 +101,9 @@ struct QK45 {
 
   static int u_at(const uint8_t* o, int64_t r, int e) {
     const int j = e / 32, w = e % 32, h = w / 16, g = (w % 16) / 4, i = w % 4;
-    const uint8_t lo = o[kLoOff + 128 * j + (g * kTileRows + r) * 4 + i];
+    const uint8_t lo = o[lo_off(j) + (g * kTileRows + r) * 4 + i];
     int v = (h == 0 ? lo : lo >> 4) & 15;
-    if constexpr (kFive) v |= ((o[kHiOff + 32 * j + r * 4 + i] >> (4 * h + g)) & 1) << 4;
+    if constexpr (kFive) v |= ((o[hi_off(j) + r * 4 + i] >> (4 * h + g)) & 1) << 4;
     return v;
   }
 
@@ -149,9 +155,9 @@ struct QK45 {
       for (int j = 0; j < 8; ++j) {
         __m512i wl[4], wh[4];
         __m512i hb = _mm512_setzero_si512();
-        if constexpr (kFive) hb = halves32(pa + kHiOff + 32 * j, pb + kHiOff + 32 * j);
+        if constexpr (kFive) hb = halves32(pa + hi_off(j), pb + hi_off(j));
         for (int g = 0; g < 4; ++g) {
-          const __m512i raw = halves32(pa + kLoOff + 128 * j + 32 * g, pb + kLoOff + 128 * j + 32 * g);
+          const __m512i raw = halves32(pa + lo_off(j) + 32 * g, pb + lo_off(j) + 32 * g);
           if constexpr (kFive) {
             // Fifth bits g and 4 + g moved to bit 4 by one 16-bit shift each
             // (none for 4 + g, g = 0) and masked; 0xCA = low4 ? x : y, a bit
@@ -216,9 +222,9 @@ struct QK45 {
       for (int j = 0; j < 8; ++j) {
         __m256i wl[4], wh[4];
         __m256i hb = _mm256_setzero_si256();
-        if constexpr (kFive) hb = ld(p + kHiOff + 32 * j);
+        if constexpr (kFive) hb = ld(p + hi_off(j));
         for (int g = 0; g < 4; ++g) {
-          const __m256i raw = ld(p + kLoOff + 128 * j + 32 * g);
+          const __m256i raw = ld(p + lo_off(j) + 32 * g);
           wl[g] = _mm256_and_si256(raw, low4);
           wh[g] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
           if constexpr (kFive) {
