@@ -8,12 +8,34 @@
 
 #include <algorithm>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "cpu/quant/format.h"
 
 namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY {
 namespace {
 
 using quant::QuantFormat;
+
+// Ask Linux for 2 MiB pages under the whole 2 MiB-aligned part of a fresh
+// buffer, before it is written. A decode step streams every weight once from
+// DRAM; with 4 KiB pages that is a TLB miss every 4 KiB of every stream (on
+// the development VM: Q6_K at m = 1, 4-5% slower). Only a hint: where the
+// kernel says no (THP "never") nothing changes, and no byte is allocated
+// beyond what the buffer covers.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 const QuantFormat& format_of(int64_t ggml_type) {
   const QuantFormat* f = quant::find_format(ggml_type);
@@ -81,6 +103,7 @@ at::Tensor quant_pack(const at::Tensor& blocks, int64_t ggml_type, int64_t in_fe
   at::Tensor packed = at::empty({quant::packed_bytes(f, out_features, in_features)}, blocks.options());
   const uint8_t* src = blocks.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
+  advise_huge_pages(dst, packed.numel());
   const int64_t stride = blocks.stride(0), tile_bytes = nb * f.tile_block_bytes;
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
