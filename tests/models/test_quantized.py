@@ -116,12 +116,14 @@ def _quantized(rows: int, cols: int, ggml_type: GGMLType, seed: int) -> tuple[Qu
                                    (GGMLType.Q5_0, GGMLType.Q5_0, GGMLType.Q8_0),
                                    (GGMLType.Q5_1, GGMLType.Q6_K, GGMLType.Q5_0)])
 def test_a_fused_layer_whose_shards_have_different_types(types):
-    """A Q4_K_M file keeps attn_v in Q6_K beside Q4_K q and k: each shard writes its columns in place,
-    within the int8-activation bound of gguf's dequantized weights (tests/kernels/quant_reference.py)."""
+    """A Q4_K_M file keeps attn_v in Q6_K beside Q4_K q and k: each run of neighbouring shards of one type
+    is one matrix (Q4_K q and k together), and each writes its columns in place, within the int8-activation
+    bound of gguf's dequantized weights (tests/kernels/quant_reference.py)."""
     parts = [_quantized(rows, 512, t, seed) for seed, (rows, t) in enumerate(zip((64, 32, 32), types))]
     bias = torch.randn(128)
     layer = PackedQuantized([(q, s) for (q, _), s in zip(parts, (0, 64, 96))], bias)
-    assert len(layer.shards) == 3
+    runs = 1 + sum(a != b for a, b in zip(types, types[1:]))
+    assert [(s.ggml_type, s.start) for s in layer.shards][0] == (types[0], 0) and len(layer.shards) == runs
     x = torch.randn(5, 512)
     got = layer(x)
     for (q, dense), (start, rows) in zip(parts, ((0, 64), (64, 32), (96, 32))):

@@ -71,14 +71,17 @@ class PackedQuantized:
         self.in_features = shards[0][0].in_features
         self.out_features = sum(q.shape[0] for q, _ in shards)
         self.bias = None if bias is None else bias.float().contiguous()
-        if len({q.ggml_type for q, _ in shards}) == 1 and len(shards) > 1:  # one matrix: one kernel call
-            shards = [(QuantizedTensor(torch.cat([q.blocks for q, _ in shards]), shards[0][0].ggml_type,
-                                       self.in_features), 0)]
         self.shards = [_Shard(_ops.quant_pack(q.blocks, q.ggml_type, q.in_features), q.ggml_type,
-                              start, q.shape[0]) for q, start in shards]
+                              start, q.shape[0]) for q, start in _merge_same_type(shards)]
+        # The op itself, not its Python wrapper: a 1B model's decode step makes ~65 of these calls,
+        # and each layer of Python costs microseconds that a 100 us matmul notices.
+        self._linear = torch.ops.pyserve.quant_linear.default
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features] in x's dtype (the kernels take and give fp32)."""
+        if len(self.shards) == 1 and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+            s = self.shards[0]
+            return self._linear(x, s.packed, s.ggml_type, s.rows, self.in_features, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if len(self.shards) == 1:
@@ -96,6 +99,19 @@ class PackedQuantized:
         """Rows `ids` of the weight, dequantized to fp32 (the token embedding): [n, in_features]."""
         s = self.shards[0]
         return _ops.quant_dequant_rows(s.packed, ids, s.ggml_type, s.rows, self.in_features)
+
+
+def _merge_same_type(shards: list[tuple[QuantizedTensor, int]]) -> list[tuple[QuantizedTensor, int]]:
+    """Neighbouring shards of one type as one matrix, so that they take one kernel call (a Q4_K_M file's
+    Q4_K attn_q and attn_k together, its Q6_K attn_v apart)."""
+    merged: list[tuple[list[QuantizedTensor], int]] = []
+    for q, start in shards:
+        if merged and merged[-1][0][-1].ggml_type == q.ggml_type:
+            merged[-1][0].append(q)
+        else:
+            merged.append(([q], start))
+    return [(qs[0] if len(qs) == 1 else QuantizedTensor(torch.cat([q.blocks for q in qs]), qs[0].ggml_type,
+                                                         qs[0].in_features), start) for qs, start in merged]
 
 
 class QuantizedMethod:
