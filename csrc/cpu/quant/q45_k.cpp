@@ -3,7 +3,7 @@
 // 12 bytes), plus fp16 d and dmin per super-block; quants u of 4 bits (Q4_K)
 // or 5 (Q5_K: a fifth bit plane qh); weight = (d * sc[j]) * u - (dmin * m[j]).
 // One file for the two: they differ only by the fifth bit. Activations:
-// blocks of 256, sums per 16 (Q8_K-like, as Q6_K).
+// blocks of 256 with a sum per 32 (a sub-block: what the mins multiply).
 //
 // Packed tile block (8 rows, one super-block of each): the 6-bit scales and
 // mins unpacked to bytes (4 bytes per row more than GGUF's 12, +3%):
@@ -15,7 +15,8 @@
 //   kernels read a tile block front to back (as Q6_K, q6_k.cpp).
 //
 // Result of row i, column j (every path): for each super-block b in order,
-//   isum = sum_j sc[j] * sum_{k in j} u_k q_k,  msum = sum_j m[j] * s_a[j]   (exact int32)
+//   isum = sum_j sc[j] * sum_{k in j} u_k q_k,  msum = sum_j m[j] * s_a[j]   (exact int32;
+//   s_a[j]: the sum of the activations' sub-block j, |s_a| <= 32 * 127, an int16)
 //   acc = fma(d_w * d_a, float(isum), acc); acc = fma(-(dmin_w * d_a), float(msum), acc).
 #include <cstring>
 
@@ -36,7 +37,7 @@ struct QK45 {
 
   static constexpr int64_t kBlockBytes = kFive ? 176 : 144;  // d, dmin, scales[12], [qh[32]], qs[128]
   static constexpr int64_t kTileBlockBytes = kFive ? 1440 : 1184;
-  static constexpr int64_t kBlockElems = 256, kActBlock = 256, kActGroup = 16;
+  static constexpr int64_t kBlockElems = 256, kActBlock = 256, kActGroup = 32;
 
   // GGUF block -> u[256], sc[8], m[8], raw fp16 d and dmin (ggml's
   // dequantize_row_q4_K / q5_K element order and get_scale_min_k4).
@@ -145,13 +146,19 @@ struct QK45 {
       return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
                                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
     };
+    // Sub-blocks 2p and 2p + 1's mins of each lane as an int16 pair, for vpdpwssd.
+    auto min_pairs = [](const uint8_t* x, const uint8_t* y) {  // x, y: m[2p][8], m[2p + 1][8] of each tile
+      const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+      const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
+      return _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
+                                                          _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1));
+    };
     for (int64_t b = 0; b < a.nb; ++b) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
       if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
-      const __m512 dw = halves16(pa, pb), dmw = halves16(pa + 16, pb + 16);
-      __m512i isum[R], msum[R];
-      for (int r = 0; r < R; ++r) isum[r] = msum[r] = _mm512_setzero_si512();
+      __m512i isum[R];
+      for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
         __m512i wl[4], wh[4];
         __m512i hb = _mm512_setzero_si512();
@@ -172,23 +179,32 @@ struct QK45 {
           }
         }
         const __m512i sc = bytes16(pa + kScOff + 8 * j, pb + kScOff + 8 * j);
-        const __m512i mn = bytes16(pa + kMnOff + 8 * j, pb + kMnOff + 8 * j);
         for (int r = 0; r < R; ++r) {
           const int8_t* q = a.row_q(i0 + r) + 256 * b + 32 * j;
-          const int32_t* s = a.row_s(i0 + r) + 16 * b + 2 * j;
           __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
           for (int g = 0; g < 4; ++g) {
             d0 = _mm512_dpbusd_epi32(d0, wl[g], _mm512_set1_epi32(load_i32(q + 4 * g)));
             d1 = _mm512_dpbusd_epi32(d1, wh[g], _mm512_set1_epi32(load_i32(q + 16 + 4 * g)));
           }
           isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(_mm512_add_epi32(d0, d1), sc));
-          msum[r] = _mm512_add_epi32(msum[r], _mm512_mullo_epi32(mn, _mm512_set1_epi32(s[0] + s[1])));
         }
       }
+      // The mins once per super-block: 4 int16 pair products per lane and row
+      // (m <= 63, |s_a| <= 4064) instead of a 32-bit multiply per sub-block.
+      __m512i mp[4];
+      for (int p = 0; p < 4; ++p) mp[p] = min_pairs(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
+      const __m512 dw = halves16(pa, pb), dmw = halves16(pa + 16, pb + 16);
       for (int r = 0; r < R; ++r) {
+        const int32_t* s = a.row_s(i0 + r) + 8 * b;
+        __m512i msum = _mm512_setzero_si512();
+        for (int p = 0; p < 4; ++p) {
+          const int32_t s2 = static_cast<int32_t>((static_cast<uint32_t>(s[2 * p]) & 0xFFFFu) |
+                                                  (static_cast<uint32_t>(s[2 * p + 1]) << 16));
+          msum = _mm512_dpwssd_epi32(msum, mp[p], _mm512_set1_epi32(s2));
+        }
         const __m512 da = _mm512_set1_ps(a.row_d(i0 + r)[b]);
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(isum[r]), acc[r]);
-        acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(dmw, da), _mm512_cvtepi32_ps(msum[r]), acc[r]);
+        acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(dmw, da), _mm512_cvtepi32_ps(msum), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(res + 16 * r, acc[r]);
@@ -236,7 +252,7 @@ struct QK45 {
         const __m256i sc = bytes8(p + kScOff + 8 * j), mn = bytes8(p + kMnOff + 8 * j);
         for (int r = 0; r < R; ++r) {
           const int8_t* q = a.row_q(i0 + r) + 256 * b + 32 * j;
-          const int32_t* s = a.row_s(i0 + r) + 16 * b + 2 * j;
+          const int32_t* s = a.row_s(i0 + r) + 8 * b + j;
           // u <= 31: 31 * 127 * 2 per int16 pair, 4 groups summed <= 31496.
           __m256i p0 = _mm256_maddubs_epi16(wl[0], _mm256_set1_epi32(load_i32(q)));
           __m256i p1 = _mm256_maddubs_epi16(wh[0], _mm256_set1_epi32(load_i32(q + 16)));
@@ -246,7 +262,7 @@ struct QK45 {
           }
           const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(p0, ones16), _mm256_madd_epi16(p1, ones16));
           isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(dot, sc));
-          msum[r] = _mm256_add_epi32(msum[r], _mm256_mullo_epi32(mn, _mm256_set1_epi32(s[0] + s[1])));
+          msum[r] = _mm256_add_epi32(msum[r], _mm256_mullo_epi32(mn, _mm256_set1_epi32(s[0])));
         }
       }
       for (int r = 0; r < R; ++r) {
@@ -268,13 +284,13 @@ struct QK45 {
         const float dmw = half_to_float(bits);
         for (int r = 0; r < R; ++r) {
           const int8_t* q = a.row_q(i0 + r) + 256 * b;
-          const int32_t* s = a.row_s(i0 + r) + 16 * b;
+          const int32_t* s = a.row_s(i0 + r) + 8 * b;
           int32_t isum = 0, msum = 0;
           for (int j = 0; j < 8; ++j) {
             int32_t dot = 0;
             for (int e = 32 * j; e < 32 * j + 32; ++e) dot += u_at(p, col, e) * q[e];
             isum += p[kScOff + j * kTileRows + col] * dot;
-            msum += p[kMnOff + j * kTileRows + col] * (s[2 * j] + s[2 * j + 1]);
+            msum += p[kMnOff + j * kTileRows + col] * s[j];
           }
           const float da = a.row_d(i0 + r)[b];
           acc[r][col] = std::fma(dw * da, static_cast<float>(isum), acc[r][col]);
