@@ -144,8 +144,9 @@ def test_dequant_rows_is_bit_identical_to_gguf(ggml_type, n, k):
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=NAMES.get)
 def test_results_do_not_depend_on_the_batch(ggml_type):
-    """Row i alone, or anywhere inside batches of 1, 7, 33 and 300 rows, with one thread or two: the same bits."""
-    n, k = 200, features(ggml_type, 576)
+    """Row i alone, or anywhere inside batches of 1, 7, 33 and 300 rows, with one thread or two: the same bits.
+    k = 2304: 300 rows are three of the driver's row blocks (256 KB of int8 activations: 112 rows)."""
+    n, k = 200, features(ggml_type, 2304)
     _, _, packed = make(n, k, ggml_type)
     x, bias = activations(300, k), torch.randn(n)
     threads = torch.get_num_threads()

@@ -66,38 +66,51 @@ inline void prefetch_ahead(const uint8_t* pa, const uint8_t* pb, int64_t b, int6
 }
 #endif
 
+// Activation bytes (int8) a thread keeps hot while its tiles pass over them.
+// A prefill's rows (1249 x 2048: 2.5 MB) do not fit a core's L2 (1 MB on the
+// development machine's EPYC): taken whole, every tile re-reads them from L3.
+// In blocks of this many bytes the rows stay in L2 and each tile is re-read
+// once per block instead (from L3 or DRAM, ~1% of the time): 2048 -> 16384 at
+// m = 1249 on two threads, 4% less time for Q4_K, 8% for Q6_K (128 KB and
+// 512 KB blocks measured the same).
+constexpr int64_t kRowBlockBytes = 256 << 10;
+
 template <class K>
 void run_tiles(const Q8Rows& a, const uint8_t* packed, int64_t t0, int64_t t1, int64_t out_features,
                const float* bias, float* out, int64_t ldo) {
   const int64_t tile_bytes = (a.k / K::kBlockElems) * K::kTileBlockBytes;
   constexpr int64_t kCols = K::kUnitTiles * kTileRows;
   float res[kMaxRows * kCols];
-  for (int64_t t = t0; t < t1; t += K::kUnitTiles) {
-    const bool pair = t + 1 < t1;
-    const uint8_t* tp = packed + t * tile_bytes;
-    const int64_t col0 = t * kTileRows;
-    const int64_t ncols = std::min<int64_t>(std::min<int64_t>(K::kUnitTiles, t1 - t) * kTileRows, out_features - col0);
-    for (int64_t i = 0; i < a.m; i += kMaxRows) {
-      const int64_t rows = std::min<int64_t>(kMaxRows, a.m - i);
-      switch (rows) {
+  const int64_t row_block = std::max<int64_t>(1, kRowBlockBytes / a.k / kMaxRows) * kMaxRows;
+  for (int64_t i0 = 0; i0 < a.m; i0 += row_block) {
+    const int64_t i1 = std::min(a.m, i0 + row_block);
+    for (int64_t t = t0; t < t1; t += K::kUnitTiles) {
+      const bool pair = t + 1 < t1;
+      const uint8_t* tp = packed + t * tile_bytes;
+      const int64_t col0 = t * kTileRows;
+      const int64_t ncols = std::min<int64_t>(std::min<int64_t>(K::kUnitTiles, t1 - t) * kTileRows, out_features - col0);
+      for (int64_t i = i0; i < i1; i += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, i1 - i);
+        switch (rows) {
 #if defined(PYSERVE_QUANT_VNNI)
-        case 8: K::template unit<8>(a, i, tp, tile_bytes, pair, res); break;
-        case 7: K::template unit<7>(a, i, tp, tile_bytes, pair, res); break;
-        case 6: K::template unit<6>(a, i, tp, tile_bytes, pair, res); break;
-        case 5: K::template unit<5>(a, i, tp, tile_bytes, pair, res); break;
+          case 8: K::template unit<8>(a, i, tp, tile_bytes, pair, res); break;
+          case 7: K::template unit<7>(a, i, tp, tile_bytes, pair, res); break;
+          case 6: K::template unit<6>(a, i, tp, tile_bytes, pair, res); break;
+          case 5: K::template unit<5>(a, i, tp, tile_bytes, pair, res); break;
 #endif
-        case 4: K::template unit<4>(a, i, tp, tile_bytes, pair, res); break;
-        case 3: K::template unit<3>(a, i, tp, tile_bytes, pair, res); break;
-        case 2: K::template unit<2>(a, i, tp, tile_bytes, pair, res); break;
-        default: K::template unit<1>(a, i, tp, tile_bytes, pair, res); break;
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        float* o = out + (i + r) * ldo + col0;
-        const float* v = res + r * kCols;
-        if (bias != nullptr) {
-          for (int64_t c = 0; c < ncols; ++c) o[c] = v[c] + bias[col0 + c];
-        } else {
-          std::memcpy(o, v, ncols * sizeof(float));
+          case 4: K::template unit<4>(a, i, tp, tile_bytes, pair, res); break;
+          case 3: K::template unit<3>(a, i, tp, tile_bytes, pair, res); break;
+          case 2: K::template unit<2>(a, i, tp, tile_bytes, pair, res); break;
+          default: K::template unit<1>(a, i, tp, tile_bytes, pair, res); break;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = out + (i + r) * ldo + col0;
+          const float* v = res + r * kCols;
+          if (bias != nullptr) {
+            for (int64_t c = 0; c < ncols; ++c) o[c] = v[c] + bias[col0 + c];
+          } else {
+            std::memcpy(o, v, ncols * sizeof(float));
+          }
         }
       }
     }
