@@ -98,12 +98,14 @@ Q8Rows quantize_rows_q8(const float* x, int64_t ldx, int64_t m, int64_t k, int64
   r.d.reset(new float[std::max<int64_t>(1, m * r.nb)]);
   r.ns = k / group;
   r.s.reset(new int32_t[std::max<int64_t>(1, m * r.ns)]);
+  r.s16.reset(new int16_t[std::max<int64_t>(1, m * r.ns)]);
   if (group == block) r.ds.reset(new float[std::max<int64_t>(1, m * r.nb)]);
   // ~1 ns per value: below ~32k values a thread wake-up costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k));
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       quantize_row(x + i * ldx, k, block, group, r.q.get() + i * k, r.d.get() + i * r.nb, r.s.get() + i * r.ns);
+      for (int64_t g = 0; g < r.ns; ++g) r.s16[i * r.ns + g] = static_cast<int16_t>(r.s[i * r.ns + g]);
       if (r.ds) {
         for (int64_t b = 0; b < r.nb; ++b)
           r.ds[i * r.nb + b] = r.d[i * r.nb + b] * static_cast<float>(r.s[i * r.nb + b]);

@@ -22,6 +22,9 @@ struct Q8Rows {
   std::unique_ptr<int8_t[]> q;   // [m, k]
   std::unique_ptr<float[]> d;    // [m, k / block]
   std::unique_ptr<int32_t[]> s;  // [m, k / group]
+  // [m, k / group] the same sums as int16 (|s| <= 32 * 127), so that a kernel
+  // broadcasts two neighbouring ones as the int16 pair vpdpwssd multiplies.
+  std::unique_ptr<int16_t[]> s16;
   // [m, k / block] d * float(s) when group == block (else empty): the fp32
   // product a block-32 kernel with a min would otherwise form per output
   // tile (the same rounding either way: one fp32 multiply of the same values).
@@ -30,6 +33,7 @@ struct Q8Rows {
   const int8_t* row_q(int64_t i) const { return q.get() + i * k; }
   const float* row_d(int64_t i) const { return d.get() + i * nb; }
   const int32_t* row_s(int64_t i) const { return s.get() + i * ns; }
+  const int16_t* row_s16(int64_t i) const { return s16.get() + i * ns; }
   const float* row_ds(int64_t i) const { return ds.get() + i * nb; }
 };
 

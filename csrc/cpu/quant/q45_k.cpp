@@ -195,13 +195,9 @@ struct QK45 {
       for (int p = 0; p < 4; ++p) mp[p] = min_pairs(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
       const __m512 dw = halves16(pa, pb), dmw = halves16(pa + 16, pb + 16);
       for (int r = 0; r < R; ++r) {
-        const int32_t* s = a.row_s(i0 + r) + 8 * b;
+        const int16_t* s = a.row_s16(i0 + r) + 8 * b;
         __m512i msum = _mm512_setzero_si512();
-        for (int p = 0; p < 4; ++p) {
-          const int32_t s2 = static_cast<int32_t>((static_cast<uint32_t>(s[2 * p]) & 0xFFFFu) |
-                                                  (static_cast<uint32_t>(s[2 * p + 1]) << 16));
-          msum = _mm512_dpwssd_epi32(msum, mp[p], _mm512_set1_epi32(s2));
-        }
+        for (int p = 0; p < 4; ++p) msum = _mm512_dpwssd_epi32(msum, mp[p], _mm512_set1_epi32(load_i32(s + 2 * p)));
         const __m512 da = _mm512_set1_ps(a.row_d(i0 + r)[b]);
         acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(isum[r]), acc[r]);
         acc[r] = _mm512_fnmadd_ps(_mm512_mul_ps(dmw, da), _mm512_cvtepi32_ps(msum), acc[r]);
