@@ -19,7 +19,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 
 #include "cpu/quant/activations.h"
 #include "cpu/quant/format.h"
@@ -75,6 +78,44 @@ inline void prefetch_ahead(const uint8_t* pa, const uint8_t* pb, int64_t b, int6
 // 512 KB blocks measured the same).
 constexpr int64_t kRowBlockBytes = 256 << 10;
 
+#if defined(PYSERVE_QUANT_VNNI)
+// A kernel class may also offer a many-row path: K::kUnpackedVecs vectors per
+// block that K::unpack(ta, tb, nb, u) builds once for a unit (its two tiles),
+// and K::unit_unpacked<R>(a, i0, u, res), which reads them instead of
+// unpacking the weight again for every kMaxRows rows. Same integers, same
+// results.
+template <class K, class = void>
+struct HasUnpacked : std::false_type {};
+template <class K>
+struct HasUnpacked<K, std::void_t<decltype(K::kUnpackedVecs)>> : std::true_type {};
+
+// A thread's scratch for unpacked vectors, grown as needed and kept.
+inline __m512i* unpack_scratch(int64_t vecs) {
+  struct Aligned {
+    void operator()(__m512i* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<__m512i, Aligned> buf;
+  thread_local int64_t size = 0;
+  if (vecs > size) {
+    buf.reset(static_cast<__m512i*>(std::aligned_alloc(64, vecs * 64)));
+    size = vecs;
+  }
+  return buf.get();
+}
+#endif
+
+template <class K, int R>
+inline void unit_rows(const Q8Rows& a, int64_t i, const uint8_t* tp, int64_t tile_bytes, bool pair,
+                      const void* unpacked, float* res) {
+#if defined(PYSERVE_QUANT_VNNI)
+  if constexpr (HasUnpacked<K>::value) {
+    if (unpacked != nullptr) return K::template unit_unpacked<R>(a, i, static_cast<const __m512i*>(unpacked), res);
+  }
+#endif
+  (void)unpacked;
+  K::template unit<R>(a, i, tp, tile_bytes, pair, res);
+}
+
 template <class K>
 void run_tiles(const Q8Rows& a, const uint8_t* packed, int64_t t0, int64_t t1, int64_t out_features,
                const float* bias, float* out, int64_t ldo) {
@@ -89,19 +130,29 @@ void run_tiles(const Q8Rows& a, const uint8_t* packed, int64_t t0, int64_t t1, i
       const uint8_t* tp = packed + t * tile_bytes;
       const int64_t col0 = t * kTileRows;
       const int64_t ncols = std::min<int64_t>(std::min<int64_t>(K::kUnitTiles, t1 - t) * kTileRows, out_features - col0);
+      const void* unpacked = nullptr;
+#if defined(PYSERVE_QUANT_VNNI)
+      if constexpr (HasUnpacked<K>::value) {
+        if (i1 - i0 > kMaxRows) {  // several row groups: unpack the unit once for all of them
+          __m512i* u = unpack_scratch(a.nb * K::kUnpackedVecs);
+          K::unpack(tp, pair ? tp + tile_bytes : tp, a.nb, u);
+          unpacked = u;
+        }
+      }
+#endif
       for (int64_t i = i0; i < i1; i += kMaxRows) {
         const int64_t rows = std::min<int64_t>(kMaxRows, i1 - i);
         switch (rows) {
 #if defined(PYSERVE_QUANT_VNNI)
-          case 8: K::template unit<8>(a, i, tp, tile_bytes, pair, res); break;
-          case 7: K::template unit<7>(a, i, tp, tile_bytes, pair, res); break;
-          case 6: K::template unit<6>(a, i, tp, tile_bytes, pair, res); break;
-          case 5: K::template unit<5>(a, i, tp, tile_bytes, pair, res); break;
+          case 8: unit_rows<K, 8>(a, i, tp, tile_bytes, pair, unpacked, res); break;
+          case 7: unit_rows<K, 7>(a, i, tp, tile_bytes, pair, unpacked, res); break;
+          case 6: unit_rows<K, 6>(a, i, tp, tile_bytes, pair, unpacked, res); break;
+          case 5: unit_rows<K, 5>(a, i, tp, tile_bytes, pair, unpacked, res); break;
 #endif
-          case 4: K::template unit<4>(a, i, tp, tile_bytes, pair, res); break;
-          case 3: K::template unit<3>(a, i, tp, tile_bytes, pair, res); break;
-          case 2: K::template unit<2>(a, i, tp, tile_bytes, pair, res); break;
-          default: K::template unit<1>(a, i, tp, tile_bytes, pair, res); break;
+          case 4: unit_rows<K, 4>(a, i, tp, tile_bytes, pair, unpacked, res); break;
+          case 3: unit_rows<K, 3>(a, i, tp, tile_bytes, pair, unpacked, res); break;
+          case 2: unit_rows<K, 2>(a, i, tp, tile_bytes, pair, unpacked, res); break;
+          default: unit_rows<K, 1>(a, i, tp, tile_bytes, pair, unpacked, res); break;
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* o = out + (i + r) * ldo + col0;

@@ -128,57 +128,97 @@ struct QK45 {
 #if defined(PYSERVE_QUANT_VNNI)
   static constexpr int64_t kUnitTiles = 2;
 
-  template <int R>
-  static void tiles2(const Q8Rows& a, int64_t i0, const uint8_t* ta, const uint8_t* tb, float* res) {
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  static __m512i halves32(const uint8_t* x, const uint8_t* y) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
+  }
+  static __m512 halves16(const uint8_t* x, const uint8_t* y) {  // 8 fp16 of each tile -> 16 fp32
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)), 1));
+  }
+  static __m512i bytes16(const uint8_t* x, const uint8_t* y) {  // 8 uint8 of each tile -> 16 int32
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
+                                                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
+  }
+  // Sub-blocks 2p and 2p + 1's mins of each lane as an int16 pair, for vpdpwssd.
+  static __m512i min_pairs(const uint8_t* x, const uint8_t* y) {  // x, y: m[2p][8], m[2p + 1][8] of each tile
+    const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
+    return _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
+                                                        _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1));
+  }
+
+  // Sub-block j of the two tiles' blocks pa, pb: quants 4g..4g+3 of each lane
+  // in wl[g], 16+4g.. in wh[g], as vpdpbusd's unsigned bytes.
+  static inline __attribute__((always_inline)) void unpack_sub(const uint8_t* pa, const uint8_t* pb, int j,
+                                                               __m512i wl[4], __m512i wh[4]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
-    auto halves16 = [](const uint8_t* x, const uint8_t* y) {
-      return _mm512_cvtph_ps(_mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)), 1));
-    };
-    auto halves32 = [](const uint8_t* x, const uint8_t* y) {
-      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
-    };
-    auto bytes16 = [](const uint8_t* x, const uint8_t* y) {  // 8 uint8 of each tile -> 16 int32
-      return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
-                                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
-    };
-    // Sub-blocks 2p and 2p + 1's mins of each lane as an int16 pair, for vpdpwssd.
-    auto min_pairs = [](const uint8_t* x, const uint8_t* y) {  // x, y: m[2p][8], m[2p + 1][8] of each tile
-      const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-      const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
-      return _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
-                                                          _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1));
-    };
-    for (int64_t b = 0; b < a.nb; ++b) {
+    __m512i hb = _mm512_setzero_si512();
+    if constexpr (kFive) hb = halves32(pa + hi_off(j), pb + hi_off(j));
+    for (int g = 0; g < 4; ++g) {
+      const __m512i raw = halves32(pa + lo_off(j) + 32 * g, pb + lo_off(j) + 32 * g);
+      if constexpr (kFive) {
+        // Fifth bits g and 4 + g moved to bit 4 by one 16-bit shift each
+        // (none for 4 + g, g = 0) and masked; 0xCA = low4 ? x : y, a bit
+        // select of the low nibble and that bit.
+        const __m512i f0 = _mm512_and_si512(_mm512_slli_epi16(hb, 4 - g), bit4);
+        const __m512i f1 = _mm512_and_si512(g == 0 ? hb : _mm512_srli_epi16(hb, g), bit4);
+        wl[g] = _mm512_ternarylogic_epi32(low4, raw, f0, 0xCA);
+        wh[g] = _mm512_ternarylogic_epi32(low4, _mm512_srli_epi16(raw, 4), f1, 0xCA);
+      } else {
+        wl[g] = _mm512_and_si512(raw, low4);
+        wh[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+      }
+    }
+  }
+
+  // Many rows: a unit's super-blocks unpacked once (unpack) into the vectors
+  // the kernel would otherwise rebuild for every 8 rows -- per sub-block j
+  // wl[4], wh[4], sc at 9j; then the 4 min pairs, dw and dmw at 72 -- and
+  // each group of rows then loads them (tiles2 with u). 5 KB per super-block.
+  static constexpr int64_t kUnpackedVecs = 8 * 9 + 6;
+
+  static void unpack(const uint8_t* ta, const uint8_t* tb, int64_t nb, __m512i* u) {
+    for (int64_t b = 0; b < nb; ++b, u += kUnpackedVecs) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
-      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
+      for (int j = 0; j < 8; ++j) {
+        unpack_sub(pa, pb, j, u + 9 * j, u + 9 * j + 4);
+        u[9 * j + 8] = bytes16(pa + kScOff + 8 * j, pb + kScOff + 8 * j);
+      }
+      for (int p = 0; p < 4; ++p) u[72 + p] = min_pairs(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
+      u[76] = _mm512_castps_si512(halves16(pa, pb));
+      u[77] = _mm512_castps_si512(halves16(pa + 16, pb + 16));
+    }
+  }
+
+  // Rows i0..i0+R-1 against two tiles (ta, tb), read from the packed weight
+  // as it streams, or (kU) from unpack's vectors u.
+  template <int R, bool kU>
+  static void tiles2(const Q8Rows& a, int64_t i0, const uint8_t* ta, const uint8_t* tb, const __m512i* u,
+                     float* res) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const uint8_t* pa = kU ? nullptr : ta + b * kTileBlockBytes;
+      const uint8_t* pb = kU ? nullptr : tb + b * kTileBlockBytes;
+      const __m512i* ub = kU ? u + b * kUnpackedVecs : nullptr;
+      if (!kU && a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
       __m512i isum[R];
       for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
-        __m512i wl[4], wh[4];
-        __m512i hb = _mm512_setzero_si512();
-        if constexpr (kFive) hb = halves32(pa + hi_off(j), pb + hi_off(j));
-        for (int g = 0; g < 4; ++g) {
-          const __m512i raw = halves32(pa + lo_off(j) + 32 * g, pb + lo_off(j) + 32 * g);
-          if constexpr (kFive) {
-            // Fifth bits g and 4 + g moved to bit 4 by one 16-bit shift each
-            // (none for 4 + g, g = 0) and masked; 0xCA = low4 ? x : y, a bit
-            // select of the low nibble and that bit.
-            const __m512i f0 = _mm512_and_si512(_mm512_slli_epi16(hb, 4 - g), bit4);
-            const __m512i f1 = _mm512_and_si512(g == 0 ? hb : _mm512_srli_epi16(hb, g), bit4);
-            wl[g] = _mm512_ternarylogic_epi32(low4, raw, f0, 0xCA);
-            wh[g] = _mm512_ternarylogic_epi32(low4, _mm512_srli_epi16(raw, 4), f1, 0xCA);
-          } else {
-            wl[g] = _mm512_and_si512(raw, low4);
-            wh[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        __m512i wl[4], wh[4], sc;
+        if constexpr (kU) {
+          for (int g = 0; g < 4; ++g) {
+            wl[g] = _mm512_load_si512(ub + 9 * j + g);
+            wh[g] = _mm512_load_si512(ub + 9 * j + 4 + g);
           }
+          sc = _mm512_load_si512(ub + 9 * j + 8);
+        } else {
+          unpack_sub(pa, pb, j, wl, wh);
+          sc = bytes16(pa + kScOff + 8 * j, pb + kScOff + 8 * j);
         }
-        const __m512i sc = bytes16(pa + kScOff + 8 * j, pb + kScOff + 8 * j);
         for (int r = 0; r < R; ++r) {
           const int8_t* q = a.row_q(i0 + r) + 256 * b + 32 * j;
           __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
@@ -192,8 +232,16 @@ struct QK45 {
       // The mins once per super-block: 4 int16 pair products per lane and row
       // (m <= 63, |s_a| <= 4064) instead of a 32-bit multiply per sub-block.
       __m512i mp[4];
-      for (int p = 0; p < 4; ++p) mp[p] = min_pairs(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
-      const __m512 dw = halves16(pa, pb), dmw = halves16(pa + 16, pb + 16);
+      __m512 dw, dmw;
+      if constexpr (kU) {
+        for (int p = 0; p < 4; ++p) mp[p] = _mm512_load_si512(ub + 72 + p);
+        dw = _mm512_castsi512_ps(_mm512_load_si512(ub + 76));
+        dmw = _mm512_castsi512_ps(_mm512_load_si512(ub + 77));
+      } else {
+        for (int p = 0; p < 4; ++p) mp[p] = min_pairs(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
+        dw = halves16(pa, pb);
+        dmw = halves16(pa + 16, pb + 16);
+      }
       for (int r = 0; r < R; ++r) {
         const int16_t* s = a.row_s16(i0 + r) + 8 * b;
         __m512i msum = _mm512_setzero_si512();
@@ -208,7 +256,12 @@ struct QK45 {
 
   template <int R>
   static void unit(const Q8Rows& a, int64_t i0, const uint8_t* t, int64_t tile_bytes, bool pair, float* res) {
-    tiles2<R>(a, i0, t, pair ? t + tile_bytes : t, res);
+    tiles2<R, false>(a, i0, t, pair ? t + tile_bytes : t, nullptr, res);
+  }
+
+  template <int R>
+  static void unit_unpacked(const Q8Rows& a, int64_t i0, const __m512i* u, float* res) {
+    tiles2<R, true>(a, i0, nullptr, nullptr, u, res);
   }
 #else
   static constexpr int64_t kUnitTiles = 1;
