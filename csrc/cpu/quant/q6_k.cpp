@@ -112,33 +112,32 @@ struct Q6K {
 #if defined(PYSERVE_QUANT_VNNI)
   static constexpr int64_t kUnitTiles = 2;
 
-  template <int R>
-  static void tiles2(const Q8Rows& a, int64_t i0, const uint8_t* ta, const uint8_t* tb, float* res) {
-    // The -32 of every weight: with 3+ rows once per super-block, isum -= 32 *
-    // sum_sub sc[sub] * s_a[sub] as 8 int16 pair products per lane and row
-    // (|sc| <= 128, |s_a| <= 2032; m = 64: 10-13% less time); with fewer the
-    // scale pairs cost more than the two broadcasts per chunk they save, so
-    // each sub-block's dot product starts at -32 * s_a instead (m = 1: 0-8%).
-    // The same integers either way.
-    constexpr bool kOffsetOnce = R >= 3;
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  static __m512i halves32(const uint8_t* x, const uint8_t* y) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
+  }
+  // Sub-blocks 2c and 2c + 1's scales of each lane as an int16 pair, for vpdpwssd.
+  static __m512i scale_pairs(const uint8_t* x, const uint8_t* y) {  // x, y: sc[2c][8], sc[2c + 1][8] of each tile
+    const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+    const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
+    return _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
+                                                        _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1));
+  }
+  static __m512i scales16(const uint8_t* x, const uint8_t* y) {  // 8 int8 of each tile -> 16 int32
+    return _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
+                                                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
+  }
+  static __m512 d16(const uint8_t* x, const uint8_t* y) {  // 8 fp16 of each tile -> 16 fp32
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)), 1));
+  }
+
+  // Chunk c of the two tiles' blocks pa, pb: the 6-bit quants 4g..4g+3 of
+  // each lane in wl[g], 16+4g.. in wh[g], as vpdpbusd's unsigned bytes.
+  static inline __attribute__((always_inline)) void unpack_chunk(const uint8_t* pa, const uint8_t* pb, int c,
+                                                                 __m512i wl[4], __m512i wh[4]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), bits45 = _mm512_set1_epi8(0x30);
-    auto halves32 = [](const uint8_t* x, const uint8_t* y) {
-      return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
-    };
-    // Sub-blocks 2c and 2c + 1's scales of each lane as an int16 pair, for vpdpwssd.
-    auto scale_pairs = [](const uint8_t* x, const uint8_t* y) {  // x, y: sc[2c][8], sc[2c + 1][8] of each tile
-      const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-      const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
-      return _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
-                                                          _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1));
-    };
-    auto scales16 = [](const uint8_t* x, const uint8_t* y) {  // 8 int8 of each tile -> 16 int32
-      return _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
-                                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
-    };
     // Group g's 2 high bits (bits 2g, 2g + 1 of a qh byte) moved to bits 4-5
     // with one 16-bit shift (none for g = 2) and masked: bits that cross from
     // the neighbouring byte land outside bits 4-5.
@@ -146,28 +145,72 @@ struct Q6K {
       const __m512i t = g == 0 ? _mm512_slli_epi16(h, 4) : g == 1 ? _mm512_slli_epi16(h, 2) : g == 2 ? h : _mm512_srli_epi16(h, 2);
       return _mm512_and_si512(t, bits45);
     };
-    for (int64_t b = 0; b < a.nb; ++b) {
+    const __m512i h0 = halves32(pa + hi_off(c), pb + hi_off(c));
+    const __m512i h1 = halves32(pa + hi_off(c) + 32, pb + hi_off(c) + 32);
+    for (int g = 0; g < 4; ++g) {
+      const __m512i raw = halves32(pa + lo_off(c) + 32 * g, pb + lo_off(c) + 32 * g);
+      // 0xCA: low4 ? x : y, a bit select -- low nibble from the quants,
+      // bits 4-5 from the high-bit plane (bits 6-7 of y are zero).
+      wl[g] = _mm512_ternarylogic_epi32(low4, raw, hi_bits(h0, g), 0xCA);
+      wh[g] = _mm512_ternarylogic_epi32(low4, _mm512_srli_epi16(raw, 4), hi_bits(h1, g), 0xCA);
+    }
+  }
+
+  // Many rows: a unit's super-blocks unpacked once (unpack) into the vectors
+  // the kernel would otherwise rebuild for every 8 rows -- per chunk c wl[4],
+  // wh[4], sc0, sc1 at 10c; then the 8 scale pairs and d at 80 -- and each
+  // group of rows then loads them (tiles2 with u). 5.6 KB per super-block.
+  static constexpr int64_t kUnpackedVecs = 8 * 10 + 9;
+
+  static void unpack(const uint8_t* ta, const uint8_t* tb, int64_t nb, __m512i* u) {
+    for (int64_t b = 0; b < nb; ++b, u += kUnpackedVecs) {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
-      if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
-      const __m512 dw = _mm512_cvtph_ps(_mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pa))),
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(pb)), 1));
+      for (int c = 0; c < 8; ++c) {
+        unpack_chunk(pa, pb, c, u + 10 * c, u + 10 * c + 4);
+        u[10 * c + 8] = scales16(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+        u[10 * c + 9] = scales16(pa + kScOff + 16 * c + 8, pb + kScOff + 16 * c + 8);
+        u[80 + c] = scale_pairs(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+      }
+      u[88] = _mm512_castps_si512(d16(pa, pb));
+    }
+  }
+
+  // Rows i0..i0+R-1 against two tiles (ta, tb), read from the packed weight
+  // as it streams, or (kU) from unpack's vectors u.
+  template <int R, bool kU>
+  static void tiles2(const Q8Rows& a, int64_t i0, const uint8_t* ta, const uint8_t* tb, const __m512i* u,
+                     float* res) {
+    // The -32 of every weight: with 3+ rows once per super-block, isum -= 32 *
+    // sum_sub sc[sub] * s_a[sub] as 8 int16 pair products per lane and row
+    // (|sc| <= 128, |s_a| <= 2032; m = 64: 10-13% less time); with fewer the
+    // scale pairs cost more than the two broadcasts per chunk they save, so
+    // each sub-block's dot product starts at -32 * s_a instead (m = 1: 0-8%).
+    // The same integers either way.
+    constexpr bool kOffsetOnce = kU || R >= 3;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const uint8_t* pa = kU ? nullptr : ta + b * kTileBlockBytes;
+      const uint8_t* pb = kU ? nullptr : tb + b * kTileBlockBytes;
+      const __m512i* ub = kU ? u + b * kUnpackedVecs : nullptr;
+      if (!kU && a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, a.nb);  // driver.h
       __m512i isum[R];
       for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
       for (int c = 0; c < 8; ++c) {
-        const __m512i h0 = halves32(pa + hi_off(c), pb + hi_off(c));
-        const __m512i h1 = halves32(pa + hi_off(c) + 32, pb + hi_off(c) + 32);
-        __m512i wl[4], wh[4];
-        for (int g = 0; g < 4; ++g) {
-          const __m512i raw = halves32(pa + lo_off(c) + 32 * g, pb + lo_off(c) + 32 * g);
-          // 0xCA: low4 ? x : y, a bit select -- low nibble from the quants,
-          // bits 4-5 from the high-bit plane (bits 6-7 of y are zero).
-          wl[g] = _mm512_ternarylogic_epi32(low4, raw, hi_bits(h0, g), 0xCA);
-          wh[g] = _mm512_ternarylogic_epi32(low4, _mm512_srli_epi16(raw, 4), hi_bits(h1, g), 0xCA);
+        __m512i wl[4], wh[4], sc0, sc1;
+        if constexpr (kU) {
+          for (int g = 0; g < 4; ++g) {
+            wl[g] = _mm512_load_si512(ub + 10 * c + g);
+            wh[g] = _mm512_load_si512(ub + 10 * c + 4 + g);
+          }
+          sc0 = _mm512_load_si512(ub + 10 * c + 8);
+          sc1 = _mm512_load_si512(ub + 10 * c + 9);
+        } else {
+          unpack_chunk(pa, pb, c, wl, wh);
+          sc0 = scales16(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+          sc1 = scales16(pa + kScOff + 16 * c + 8, pb + kScOff + 16 * c + 8);
         }
-        const __m512i sc0 = scales16(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
-        const __m512i sc1 = scales16(pa + kScOff + 16 * c + 8, pb + kScOff + 16 * c + 8);
         for (int r = 0; r < R; ++r) {
           const int8_t* q = a.row_q(i0 + r) + 256 * b + 32 * c;
           __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
@@ -185,13 +228,25 @@ struct Q6K {
       }
       if constexpr (kOffsetOnce) {
         __m512i sp[8];
-        for (int c = 0; c < 8; ++c) sp[c] = scale_pairs(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+        for (int c = 0; c < 8; ++c) {
+          if constexpr (kU) {
+            sp[c] = _mm512_load_si512(ub + 80 + c);
+          } else {
+            sp[c] = scale_pairs(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+          }
+        }
         for (int r = 0; r < R; ++r) {
           const int16_t* s = a.row_s16(i0 + r) + 16 * b;
           __m512i off = _mm512_setzero_si512();
           for (int c = 0; c < 8; ++c) off = _mm512_dpwssd_epi32(off, sp[c], _mm512_set1_epi32(load_i32(s + 2 * c)));
           isum[r] = _mm512_sub_epi32(isum[r], _mm512_slli_epi32(off, 5));
         }
+      }
+      __m512 dw;
+      if constexpr (kU) {
+        dw = _mm512_castsi512_ps(_mm512_load_si512(ub + 88));
+      } else {
+        dw = d16(pa, pb);
       }
       for (int r = 0; r < R; ++r) {
         const float da = a.row_d(i0 + r)[b];
@@ -203,7 +258,12 @@ struct Q6K {
 
   template <int R>
   static void unit(const Q8Rows& a, int64_t i0, const uint8_t* t, int64_t tile_bytes, bool pair, float* res) {
-    tiles2<R>(a, i0, t, pair ? t + tile_bytes : t, res);
+    tiles2<R, false>(a, i0, t, pair ? t + tile_bytes : t, nullptr, res);
+  }
+
+  template <int R>
+  static void unit_unpacked(const Q8Rows& a, int64_t i0, const __m512i* u, float* res) {
+    tiles2<R, true>(a, i0, nullptr, nullptr, u, res);
   }
 #else
   static constexpr int64_t kUnitTiles = 1;
