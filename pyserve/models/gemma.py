@@ -17,7 +17,7 @@ import math
 import torch
 
 from pyserve.config import ModelConfig
-from pyserve.models.layers.activation import ACTIVATIONS
+from pyserve.models.layers.activation import ACTIVATIONS, gated_mlp
 from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
 from pyserve.models.layers.linear import LinearLayer
 from pyserve.models.layers.norm import RMSNorm
@@ -75,7 +75,7 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
         rope = rotary[self.window is not None]
         attn = self.post_attention_layernorm(self.self_attention(x, positions, rope, kv_cache, meta))
         self.pre_feedforward_layernorm.add_and_norm(attn, residual)  # residual += attn; attn = norm(residual)
-        mlp = self.down_proj(self.act_and_mul(self.gate_up_proj(attn)))
+        mlp = gated_mlp(attn, self.gate_up_proj, self.act_and_mul, self.down_proj)
         return self.post_feedforward_layernorm(mlp), residual
 
 

@@ -15,7 +15,7 @@ import torch
 
 from pyserve.config import ModelConfig
 from pyserve.models.base import CausalLM
-from pyserve.models.layers.activation import ACTIVATIONS
+from pyserve.models.layers.activation import ACTIVATIONS, gated_mlp
 from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
 from pyserve.models.layers.embedding import LMHead, VocabEmbedding
 from pyserve.models.layers.linear import LinearLayer
@@ -82,7 +82,7 @@ class LlamaDecoderLayer:
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward block on the normalised hidden state (MoE layers replace it)."""
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        return gated_mlp(x, self.gate_up_proj, self.act_and_mul, self.down_proj)
 
 
 class LlamaModel(CausalLM):

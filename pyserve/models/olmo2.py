@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pyserve.config import ModelConfig
-from pyserve.models.layers.activation import ACTIVATIONS
+from pyserve.models.layers.activation import ACTIVATIONS, gated_mlp
 from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
 from pyserve.models.layers.linear import LinearLayer
 from pyserve.models.layers.norm import RMSNorm
@@ -58,7 +58,7 @@ class Olmo2DecoderLayer:
         rotary(positions, q, k)  # in place, inside qkv
         attn = self.attn(q, k, v.view(n, cfg.num_kv_heads, cfg.head_dim), kv_cache, meta)
         h = h + self.post_attention_layernorm(self.o_proj(attn.view(n, self.q_size)))
-        mlp = self.down_proj(self.act_and_mul(self.gate_up_proj(h)))
+        mlp = gated_mlp(h, self.gate_up_proj, self.act_and_mul, self.down_proj)
         return self.post_feedforward_layernorm(mlp), h
 
 

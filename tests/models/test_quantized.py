@@ -168,3 +168,18 @@ def test_a_q8_0_file_made_by_llama_cpp_runs_on_the_quantized_kernels(q8_0_file):
     kl, top1 = _distribution_gap(torch.stack(a), torch.stack(b))
     print(f"KL {kl:.2e}, top-1 {top1}")
     assert kl < 0.02 and top1 == 1.0, (kl, top1)  # rows left permuted: KL 3.5, top-1 0.33
+
+
+def test_the_cpu_mlp_in_row_chunks_gives_the_same_bits(monkeypatch):
+    """gated_mlp takes a long prefill's MLP a few rows at a time on the CPU (glibc maps and faults in every
+    intermediate past 32 MB afresh); every row comes out as it does with all rows at once."""
+    from pyserve.models.layers import activation
+
+    gate_up = PackedQuantized([(_quantized(2 * 256, 256, GGMLType.Q4_K, 0)[0], 0)], None)
+    down = PackedQuantized([(_quantized(256, 256, GGMLType.Q6_K, 1)[0], 0)], None)
+    x = torch.randn(37, 256)
+    whole = activation.gated_mlp(x, gate_up, activation.ACTIVATIONS["silu"], down)
+    monkeypatch.setattr(activation, "MLP_CHUNK_BYTES", 5 * 2 * 256 * 4)  # 5 rows a chunk: 7 full, 1 of 2
+    chunked = activation.gated_mlp(x, gate_up, activation.ACTIVATIONS["silu"], down)
+    assert chunked.shape == (37, 256) and torch.equal(chunked, whole)
+    assert torch.equal(chunked[:3], activation.gated_mlp(x[:3], gate_up, activation.ACTIVATIONS["silu"], down))
