@@ -14,7 +14,7 @@ import sys
 import time
 
 ENV_PREFIX = "PYSERVE_"
-_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="weights in a block format run by pyserve's CPU kernels: q8_0 / q4_0 quantize an HF "
            "checkpoint's linear weights at load; none dequantizes a GGUF file (default: a GGUF file "
            "keeps its own types, an HF checkpoint stays dense)")
-    a("--device", default="cpu", help="cpu, cuda or cuda:N")
+    a("--device", default="auto", help="auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N")
     a("--max-model-len", type=_positive_int, default=None,
       help="the context length (prompt + output); default: the model's")
     a("--max-num-seqs", type=_positive_int, default=64, help="sequences in one batch at most")
@@ -178,19 +178,7 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> argparse.Na
     apply_env_defaults(parser, environ)
     args = parser.parse_args(argv)
     if not _DEVICE_RE.match(args.device):
-        parser.error(f"--device: unknown device {args.device!r} (choose cpu, cuda or cuda:N)")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: no CUDA device is available")
-    if args.kv_cache_dtype != "auto":  # auto always resolves; only a named dtype can clash with --dtype
-        from pyserve.config import EngineConfig  # noqa: PLC0415  (imports torch)
-
-        try:
-            EngineConfig(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
-        except ValueError as e:
-            parser.error(f"--kv-cache-dtype {args.kv_cache_dtype}: {e}")
+        parser.error(f"--device: unknown device {args.device!r} (choose auto, cpu, cuda or cuda:N)")
     if args.model is not None:
         path = os.path.expanduser(args.model)
         if not os.path.exists(path):
@@ -211,7 +199,31 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> argparse.Na
     why = _port_free(args.host, args.port)
     if why:
         parser.error(why)
+    # Last: these import torch (~2 s), which the checks above should not wait for.
+    args.device = _resolve_device(args.device)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device is available")
+    if args.kv_cache_dtype != "auto":  # auto always resolves; only a named dtype can clash with --dtype
+        from pyserve.config import EngineConfig  # noqa: PLC0415  (imports torch)
+
+        try:
+            EngineConfig(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype)
+        except ValueError as e:
+            parser.error(f"--kv-cache-dtype {args.kv_cache_dtype}: {e}")
     return args
+
+
+def _resolve_device(device: str) -> str:
+    """--device auto: CUDA when torch sees a GPU, as vLLM does, else the CPU (a GPU machine used to serve
+    on the CPU unless told otherwise)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SERVER_ARGS = ["--kv-cache-memory", "0.25", "--max-model-len", "2048"]
+# --device cpu: these tests are about the CPU server; `auto` would take a GPU where torch sees one.
+SERVER_ARGS = ["--device", "cpu", "--kv-cache-memory", "0.25", "--max-model-len", "2048"]
 
 
 def free_port() -> int:

@@ -47,6 +47,16 @@ def test_env_vars_and_flag_precedence():
     assert args.max_num_seqs == 3
 
 
+def test_device_auto_is_the_default_and_picks_what_torch_sees():
+    """`--device auto` (the default, vLLM's behaviour): CUDA when torch sees a GPU, else the CPU."""
+    import torch
+
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert parse_args([], environ={"PYSERVE_PORT": "0"}).device == want
+    assert parse_args(["--device", "auto"], environ={"PYSERVE_PORT": "0"}).device == want
+    assert parse_args(["--device", "cpu"], environ={"PYSERVE_PORT": "0"}).device == "cpu"
+
+
 def test_bad_env_value_exit_2():
     r = _run(PYSERVE_MAX_NUM_SEQS="-1")
     assert r.returncode == 2 and r.stderr.strip().startswith("pyserve: error: PYSERVE_MAX_NUM_SEQS")
