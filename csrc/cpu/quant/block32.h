@@ -161,27 +161,18 @@ struct Block32 {
       const uint8_t* pa = ta + b * kTileBlockBytes;
       const uint8_t* pb = tb + b * kTileBlockBytes;
       if (a.m <= kMaxRows) prefetch_ahead<kTileBlockBytes>(pa, pb, b, nb);  // driver.h
-      auto halves16 = [](const uint8_t* x, const uint8_t* y) {
-        return _mm512_cvtph_ps(_mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)), 1));
-      };
-      auto halves32 = [](const uint8_t* x, const uint8_t* y) {
-        return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
-      };
-      const __m512 dw = halves16(pa, pb);
+      const __m512 dw = two_tiles_fp16(pa, pb);
       __m512 mw = _mm512_setzero_ps();
-      if constexpr (F::kHasMin) mw = halves16(pa + 16, pb + 16);
+      if constexpr (F::kHasMin) mw = two_tiles_fp16(pa + 16, pb + 16);
       __m512i w[8];
       if constexpr (F::kNibbles) {
         for (int g = 0; g < 4; ++g) {
-          const __m512i raw = halves32(pa + kScaleBytes + 32 * g, pb + kScaleBytes + 32 * g);
+          const __m512i raw = two_tiles32(pa + kScaleBytes + 32 * g, pb + kScaleBytes + 32 * g);
           w[g] = _mm512_and_si512(raw, low4);
           w[4 + g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
         }
       } else {
-        for (int g = 0; g < 8; ++g) w[g] = halves32(pa + kScaleBytes + 32 * g, pb + kScaleBytes + 32 * g);
+        for (int g = 0; g < 8; ++g) w[g] = two_tiles32(pa + kScaleBytes + 32 * g, pb + kScaleBytes + 32 * g);
       }
       for (int r = 0; r < R; ++r) {
         const int8_t* q = qr[r] + 32 * b;

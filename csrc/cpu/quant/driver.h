@@ -91,16 +91,16 @@ struct HasUnpacked<K, std::void_t<decltype(K::kUnpackedVecs)>> : std::true_type 
 
 // A thread's scratch for unpacked vectors, grown as needed and kept.
 inline __m512i* unpack_scratch(int64_t vecs) {
-  struct Aligned {
-    void operator()(__m512i* p) const { std::free(p); }
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
   };
-  thread_local std::unique_ptr<__m512i, Aligned> buf;
+  thread_local std::unique_ptr<void, Free> buf;  // raw bytes: __m512i's alignment attribute does not fit a template
   thread_local int64_t size = 0;
   if (vecs > size) {
-    buf.reset(static_cast<__m512i*>(std::aligned_alloc(64, vecs * 64)));
+    buf.reset(std::aligned_alloc(64, vecs * 64));
     size = vecs;
   }
-  return buf.get();
+  return static_cast<__m512i*>(buf.get());
 }
 #endif
 

@@ -128,36 +128,19 @@ struct QK45 {
 #if defined(PYSERVE_QUANT_VNNI)
   static constexpr int64_t kUnitTiles = 2;
 
-  static __m512i halves32(const uint8_t* x, const uint8_t* y) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
-  }
-  static __m512 halves16(const uint8_t* x, const uint8_t* y) {  // 8 fp16 of each tile -> 16 fp32
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)), 1));
-  }
   static __m512i bytes16(const uint8_t* x, const uint8_t* y) {  // 8 uint8 of each tile -> 16 int32
     return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
                                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
   }
-  // Sub-blocks 2p and 2p + 1's mins of each lane as an int16 pair, for vpdpwssd.
-  static __m512i min_pairs(const uint8_t* x, const uint8_t* y) {  // x, y: m[2p][8], m[2p + 1][8] of each tile
-    const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-    const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
-    return _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
-                                                        _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1));
-  }
-
   // Sub-block j of the two tiles' blocks pa, pb: quants 4g..4g+3 of each lane
   // in wl[g], 16+4g.. in wh[g], as vpdpbusd's unsigned bytes.
   static inline __attribute__((always_inline)) void unpack_sub(const uint8_t* pa, const uint8_t* pb, int j,
                                                                __m512i wl[4], __m512i wh[4]) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
     __m512i hb = _mm512_setzero_si512();
-    if constexpr (kFive) hb = halves32(pa + hi_off(j), pb + hi_off(j));
+    if constexpr (kFive) hb = two_tiles32(pa + hi_off(j), pb + hi_off(j));
     for (int g = 0; g < 4; ++g) {
-      const __m512i raw = halves32(pa + lo_off(j) + 32 * g, pb + lo_off(j) + 32 * g);
+      const __m512i raw = two_tiles32(pa + lo_off(j) + 32 * g, pb + lo_off(j) + 32 * g);
       if constexpr (kFive) {
         // Fifth bits g and 4 + g moved to bit 4 by one 16-bit shift each
         // (none for 4 + g, g = 0) and masked; 0xCA = low4 ? x : y, a bit
@@ -187,9 +170,9 @@ struct QK45 {
         unpack_sub(pa, pb, j, u + 9 * j, u + 9 * j + 4);
         u[9 * j + 8] = bytes16(pa + kScOff + 8 * j, pb + kScOff + 8 * j);
       }
-      for (int p = 0; p < 4; ++p) u[72 + p] = min_pairs(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
-      u[76] = _mm512_castps_si512(halves16(pa, pb));
-      u[77] = _mm512_castps_si512(halves16(pa + 16, pb + 16));
+      for (int p = 0; p < 4; ++p) u[72 + p] = two_tiles_byte_pairs<false>(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
+      u[76] = _mm512_castps_si512(two_tiles_fp16(pa, pb));
+      u[77] = _mm512_castps_si512(two_tiles_fp16(pa + 16, pb + 16));
     }
   }
 
@@ -238,9 +221,9 @@ struct QK45 {
         dw = _mm512_castsi512_ps(_mm512_load_si512(ub + 76));
         dmw = _mm512_castsi512_ps(_mm512_load_si512(ub + 77));
       } else {
-        for (int p = 0; p < 4; ++p) mp[p] = min_pairs(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
-        dw = halves16(pa, pb);
-        dmw = halves16(pa + 16, pb + 16);
+        for (int p = 0; p < 4; ++p) mp[p] = two_tiles_byte_pairs<false>(pa + kMnOff + 16 * p, pb + kMnOff + 16 * p);
+        dw = two_tiles_fp16(pa, pb);
+        dmw = two_tiles_fp16(pa + 16, pb + 16);
       }
       for (int r = 0; r < R; ++r) {
         const int16_t* s = a.row_s16(i0 + r) + 8 * b;

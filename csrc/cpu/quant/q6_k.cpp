@@ -112,27 +112,10 @@ struct Q6K {
 #if defined(PYSERVE_QUANT_VNNI)
   static constexpr int64_t kUnitTiles = 2;
 
-  static __m512i halves32(const uint8_t* x, const uint8_t* y) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
-  }
-  // Sub-blocks 2c and 2c + 1's scales of each lane as an int16 pair, for vpdpwssd.
-  static __m512i scale_pairs(const uint8_t* x, const uint8_t* y) {  // x, y: sc[2c][8], sc[2c + 1][8] of each tile
-    const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-    const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
-    return _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
-                                                        _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1));
-  }
   static __m512i scales16(const uint8_t* x, const uint8_t* y) {  // 8 int8 of each tile -> 16 int32
     return _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)),
                                                    _mm_loadl_epi64(reinterpret_cast<const __m128i*>(y))));
   }
-  static __m512 d16(const uint8_t* x, const uint8_t* y) {  // 8 fp16 of each tile -> 16 fp32
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)), 1));
-  }
-
   // Chunk c of the two tiles' blocks pa, pb: the 6-bit quants 4g..4g+3 of
   // each lane in wl[g], 16+4g.. in wh[g], as vpdpbusd's unsigned bytes.
   static inline __attribute__((always_inline)) void unpack_chunk(const uint8_t* pa, const uint8_t* pb, int c,
@@ -145,10 +128,10 @@ struct Q6K {
       const __m512i t = g == 0 ? _mm512_slli_epi16(h, 4) : g == 1 ? _mm512_slli_epi16(h, 2) : g == 2 ? h : _mm512_srli_epi16(h, 2);
       return _mm512_and_si512(t, bits45);
     };
-    const __m512i h0 = halves32(pa + hi_off(c), pb + hi_off(c));
-    const __m512i h1 = halves32(pa + hi_off(c) + 32, pb + hi_off(c) + 32);
+    const __m512i h0 = two_tiles32(pa + hi_off(c), pb + hi_off(c));
+    const __m512i h1 = two_tiles32(pa + hi_off(c) + 32, pb + hi_off(c) + 32);
     for (int g = 0; g < 4; ++g) {
-      const __m512i raw = halves32(pa + lo_off(c) + 32 * g, pb + lo_off(c) + 32 * g);
+      const __m512i raw = two_tiles32(pa + lo_off(c) + 32 * g, pb + lo_off(c) + 32 * g);
       // 0xCA: low4 ? x : y, a bit select -- low nibble from the quants,
       // bits 4-5 from the high-bit plane (bits 6-7 of y are zero).
       wl[g] = _mm512_ternarylogic_epi32(low4, raw, hi_bits(h0, g), 0xCA);
@@ -170,9 +153,9 @@ struct Q6K {
         unpack_chunk(pa, pb, c, u + 10 * c, u + 10 * c + 4);
         u[10 * c + 8] = scales16(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
         u[10 * c + 9] = scales16(pa + kScOff + 16 * c + 8, pb + kScOff + 16 * c + 8);
-        u[80 + c] = scale_pairs(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+        u[80 + c] = two_tiles_byte_pairs<true>(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
       }
-      u[88] = _mm512_castps_si512(d16(pa, pb));
+      u[88] = _mm512_castps_si512(two_tiles_fp16(pa, pb));
     }
   }
 
@@ -232,7 +215,7 @@ struct Q6K {
           if constexpr (kU) {
             sp[c] = _mm512_load_si512(ub + 80 + c);
           } else {
-            sp[c] = scale_pairs(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
+            sp[c] = two_tiles_byte_pairs<true>(pa + kScOff + 16 * c, pb + kScOff + 16 * c);
           }
         }
         for (int r = 0; r < R; ++r) {
@@ -246,7 +229,7 @@ struct Q6K {
       if constexpr (kU) {
         dw = _mm512_castsi512_ps(_mm512_load_si512(ub + 88));
       } else {
-        dw = d16(pa, pb);
+        dw = two_tiles_fp16(pa, pb);
       }
       for (int r = 0; r < R; ++r) {
         const float da = a.row_d(i0 + r)[b];

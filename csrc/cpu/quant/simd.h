@@ -53,4 +53,33 @@ inline int32_t hsum8_epi32(__m256i v) {
 }
 #endif
 
+#if defined(PYSERVE_QUANT_VNNI)
+// The AVX-512 kernels read two neighbouring tiles at once: x's bytes in the
+// low half of a vector, y's (the next tile's, same offset) in the high half.
+// 32 bytes of each -> one 512-bit vector.
+inline __m512i two_tiles32(const uint8_t* x, const uint8_t* y) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
+}
+
+// 8 fp16 of each tile -> 16 fp32 lanes.
+inline __m512 two_tiles_fp16(const uint8_t* x, const uint8_t* y) {
+  return _mm512_cvtph_ps(_mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(y)), 1));
+}
+
+// Two rows of 8 bytes per tile (x[0..8) and x[8..16), e.g. a scale of sub-
+// blocks 2p and 2p + 1 for each of 8 columns) as 16 lanes of int16 pairs
+// (x[r], x[8 + r]), the operand vpdpwssd multiplies; kSigned: int8 bytes.
+template <bool kSigned>
+inline __m512i two_tiles_byte_pairs(const uint8_t* x, const uint8_t* y) {
+  const __m128i lx = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  const __m128i ly = _mm_loadu_si128(reinterpret_cast<const __m128i*>(y));
+  const __m256i pairs = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(lx, _mm_srli_si128(lx, 8))),
+                                                _mm_unpacklo_epi8(ly, _mm_srli_si128(ly, 8)), 1);
+  return kSigned ? _mm512_cvtepi8_epi16(pairs) : _mm512_cvtepu8_epi16(pairs);
+}
+#endif
+
 }  // namespace pyserve::cpu::PYSERVE_CPU_CAPABILITY::quant
