@@ -52,7 +52,9 @@ def test_sigterm_drains_then_exits_0():
 
         def stream():
             conn = httpclient.HTTPConnection("127.0.0.1", s.port, timeout=120)
-            conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 40,
+            # Long enough to outlast the 0.3 s below: with 40 tokens (~0.4 s at c=1) the drained server
+            # could exit before the second request, which then saw a refused connection, not a 503.
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 400,
                                                                 "ignore_eos": True, "stream": True}),
                          {"Content-Type": "application/json"})
             resp = conn.getresponse()
