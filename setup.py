@@ -22,7 +22,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-RUNTIME_DEPS = ["numpy", "safetensors", "tokenizers", "jinja2", "sanic", "orjson", "prometheus-client"]
+# llguidance: the grammar engine of structured outputs (pyserve/structured); a minor-version range,
+# as vLLM pins it, since its Python API moves between minors.
+RUNTIME_DEPS = ["numpy", "safetensors", "tokenizers", "jinja2", "sanic", "orjson", "prometheus-client",
+                "llguidance>=1.9.1,<1.10"]
 
 
 def torch_requirement() -> str:

@@ -20,7 +20,7 @@ TORCH_LIBRARY(pyserve, m) {
       "Tensor min_p, Tensor seeds, Tensor steps, Tensor repetition_penalty, "
       "Tensor presence_penalty, Tensor frequency_penalty, Tensor? prompt_token_ids, "
       "Tensor? output_token_ids, Tensor? logit_bias_ids, Tensor? logit_bias_values, "
-      "int num_top_logprobs) -> (Tensor, Tensor, Tensor, Tensor)");
+      "int num_top_logprobs, Tensor? allowed_token_bitmask=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor input, Tensor weight, float eps, float weight_offset=0.0) -> Tensor");
   m.def("rms_norm_inplace(Tensor(a!) input, Tensor weight, float eps, float weight_offset=0.0) -> ()");
   m.def(

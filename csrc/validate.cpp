@@ -193,7 +193,8 @@ void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const
                   const at::Tensor& repetition_penalty, const at::Tensor& presence_penalty,
                   const at::Tensor& frequency_penalty, const c10::optional<at::Tensor>& prompt_token_ids,
                   const c10::optional<at::Tensor>& output_token_ids, const c10::optional<at::Tensor>& logit_bias_ids,
-                  const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs) {
+                  const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs,
+                  const c10::optional<at::Tensor>& allowed_token_bitmask) {
   check_dim(logits, "logits", 2, "[batch, vocab]");
   TORCH_CHECK(is_float_type(logits.scalar_type()), "logits must be float32, float16 or bfloat16, got ",
               logits.scalar_type());
@@ -224,6 +225,16 @@ void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const
   }
   TORCH_CHECK(num_top_logprobs >= 0 && num_top_logprobs <= vocab, "num_top_logprobs must be in [0, vocab=", vocab,
               "], got ", num_top_logprobs);
+  if (allowed_token_bitmask.has_value()) {
+    // Any width: ids >= 32 * num_words are not allowed, bits of ids >= vocab are ignored.
+    const at::Tensor& mask = *allowed_token_bitmask;
+    check_dim(mask, "allowed_token_bitmask", 2, "[batch, num_words]");
+    TORCH_CHECK(mask.size(0) == batch, "allowed_token_bitmask must have ", batch,
+                " rows (one per logits row), got ", mask.size(0));
+    check_dtype(mask, "allowed_token_bitmask", at::kInt);
+    check_same_device(mask, "allowed_token_bitmask", logits, "logits");
+    check_contiguous(mask, "allowed_token_bitmask");
+  }
 }
 
 static void check_norm_weight(const at::Tensor& weight, const at::Tensor& input, const char* input_name, double eps,

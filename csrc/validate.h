@@ -36,7 +36,8 @@ void check_sample(const at::Tensor& logits, const at::Tensor& temperature, const
                   const at::Tensor& repetition_penalty, const at::Tensor& presence_penalty,
                   const at::Tensor& frequency_penalty, const c10::optional<at::Tensor>& prompt_token_ids,
                   const c10::optional<at::Tensor>& output_token_ids, const c10::optional<at::Tensor>& logit_bias_ids,
-                  const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs);
+                  const c10::optional<at::Tensor>& logit_bias_values, int64_t num_top_logprobs,
+                  const c10::optional<at::Tensor>& allowed_token_bitmask);
 
 void check_rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset);
 

@@ -92,14 +92,21 @@ def sample(
     logit_bias_ids: torch.Tensor | None = None,  # [batch, max_bias] int64, -1 = padding
     logit_bias_values: torch.Tensor | None = None,  # [batch, max_bias] float32
     num_top_logprobs: int = 0,
+    allowed_token_bitmask: torch.Tensor | None = None,  # [batch, num_words] int32, None = no constraint
 ) -> SampleResult:
-    """One token per row; see csrc/SAMPLING.md for the exact definition."""
+    """One token per row; see csrc/SAMPLING.md for the exact definition.
+
+    ``allowed_token_bitmask`` (structured outputs): bit ``id % 32`` of word
+    ``id // 32`` set means token ``id`` may be sampled (llguidance / xgrammar
+    layout); ids ``>= 32 * num_words`` may not, bits of ids ``>= vocab`` are
+    ignored, an all-ones (-1) row is unconstrained. Logprobs stay those of the
+    raw logits. A row that allows no token samples -1 (logprob -inf)."""
     return SampleResult(
         *_ops.sample(
             logits, temperature, top_k, top_p, min_p, seeds, steps,
             repetition_penalty, presence_penalty, frequency_penalty,
             prompt_token_ids, output_token_ids, logit_bias_ids, logit_bias_values,
-            num_top_logprobs,
+            num_top_logprobs, allowed_token_bitmask,
         )
     )
 
@@ -248,7 +255,7 @@ def _copy_blocks_fake(key_cache, value_cache, block_mapping):
 @torch.library.register_fake("pyserve::sample")
 def _sample_fake(logits, temperature, top_k, top_p, min_p, seeds, steps, repetition_penalty,
                  presence_penalty, frequency_penalty, prompt_token_ids, output_token_ids,
-                 logit_bias_ids, logit_bias_values, num_top_logprobs):
+                 logit_bias_ids, logit_bias_values, num_top_logprobs, allowed_token_bitmask=None):
     batch = logits.shape[0]
     return (
         logits.new_empty((batch,), dtype=torch.int64),

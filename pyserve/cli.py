@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-level", default="info", choices=_LOG_LEVELS, type=str.lower, help="log level")
     a("--chat-template", default=None,
       help="a Jinja chat template file, instead of the tokenizer's")
+    a("--enable-auto-tool-choice", action="store_true", default=False,
+      help="let the model decide when to call tools (tool_choice \"auto\", the default when a request has "
+           "tools); needs --tool-call-parser")
+    a("--tool-call-parser", default=None, choices=("hermes", "llama3_json"),
+      help="how tool calls are read out of the model's text with tool_choice \"auto\": hermes (Hermes, "
+           "Qwen2.5, Qwen3: <tool_call>{...}</tool_call>) or llama3_json (Llama 3.1/3.2 JSON)")
+    a("--reasoning-parser", default=None, choices=("deepseek_r1", "qwen3"),
+      help="split a reasoning model's <think>...</think> into message.reasoning_content")
     for action in p._actions:
         if action.option_strings and action.dest != "help":
             action.help = f"{action.help} [env: {env_name(action)}]"
@@ -196,6 +204,8 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> argparse.Na
             parser.error(f"--chat-template: {args.chat_template}: {e.strerror}")
     else:
         args.chat_template_text = None
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     why = _port_free(args.host, args.port)
     if why:
         parser.error(why)

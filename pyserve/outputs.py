@@ -24,8 +24,11 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[float] | None = None  # of each generated token (raw model distribution)
     top_logprobs: list[dict[int, float]] | None = None  # per token, when logprobs=N was asked
+    # Since this request's previous output: what a stream sends next.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[float] = field(default_factory=list)
+    delta_top_logprobs: list[dict[int, float]] | None = None  # when logprobs=N was asked
 
     @property
     def finished(self) -> bool:
@@ -46,3 +49,4 @@ class RequestOutput:
     # Set when the request failed in the engine (finish_reason "error"): what went wrong. Other requests
     # are unaffected.
     error: str | None = None
+    error_param: str | None = None  # the request field at fault, when the request was (its grammar)

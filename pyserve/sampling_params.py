@@ -1,8 +1,8 @@
 """Per-request sampling parameters, with vLLM's names and defaults.
 
 `SamplingParams(...)` normalises and validates its fields on construction; anything out of range or
-of the wrong type raises `ValueError` with a message that starts with the field's name, so the API
-layer can turn it into a 400 response as is. Checks that need the model (token ids against the
+of the wrong type raises `InvalidRequestError` (a ValueError) naming the field, so the API layer
+can turn it into a 400 response as is. Checks that need the model (token ids against the
 vocabulary) are in `validate_for_vocab`.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from pyserve.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
@@ -30,9 +32,10 @@ def _int(name: str, v: Any) -> int:
     """An integer (not a bool) that fits in a signed 64-bit integer, as every count, id and seed
     must to reach the kernels (`torch.tensor` raises on anything larger)."""
     if not _is_int(v):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
+        raise InvalidRequestError(name, f"{name} must be an integer, got {v!r}")
     if not INT64_MIN <= v <= INT64_MAX:
-        raise ValueError(f"{name} must be a signed 64-bit integer, in [{INT64_MIN}, {INT64_MAX}], got {v}")
+        raise InvalidRequestError(name, f"{name} must be a signed 64-bit integer, in [{INT64_MIN}, {INT64_MAX}], "
+                                        f"got {v}")
     return v
 
 
@@ -43,22 +46,22 @@ def _opt_int(name: str, v: Any) -> int | None:
 def _float(name: str, v: Any) -> float:
     """A real number (ints accepted, bools and strings not), NaN and infinities rejected."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"{name} must be a number, got {v!r}")
+        raise InvalidRequestError(name, f"{name} must be a number, got {v!r}")
     v = float(v)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
+        raise InvalidRequestError(name, f"{name} must be finite, got {v}")
     return v
 
 
 def _bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise ValueError(f"{name} must be a boolean, got {v!r}")
+        raise InvalidRequestError(name, f"{name} must be a boolean, got {v!r}")
     return v
 
 
 def _in_range(name: str, v: float, lo: float, hi: float) -> None:
     if not lo <= v <= hi:
-        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}], got {v:g}")
+        raise InvalidRequestError(name.split("[")[0], f"{name} must be in [{lo:g}, {hi:g}], got {v:g}")
 
 
 def _stop_list(v: Any) -> list[str]:
@@ -66,14 +69,16 @@ def _stop_list(v: Any) -> list[str]:
         return []
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, (list, tuple)):
-        raise ValueError(f"stop must be a string or a list of strings, got {v!r}")
+        raise InvalidRequestError("stop", f"stop must be a string or a list of strings, got {v!r}")
     if len(stops) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+        raise InvalidRequestError("stop", f"stop must have at most {MAX_STOP_STRINGS} strings, "
+                                          f"got {len(stops)}")
     for s in stops:
         if not isinstance(s, str) or not s:
-            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+            raise InvalidRequestError("stop", f"stop strings must be non-empty strings, got {s!r}")
         if len(s) > MAX_STOP_CHARS:
-            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters, got one of {len(s)}")
+            raise InvalidRequestError("stop", f"stop strings must be at most {MAX_STOP_CHARS} characters, "
+                                              f"got one of {len(s)}")
     return list(stops)
 
 
@@ -81,7 +86,7 @@ def _token_id_list(name: str, v: Any) -> list[int]:
     if v is None:
         return []
     if not isinstance(v, (list, tuple)):
-        raise ValueError(f"{name} must be a list of token ids, got {v!r}")
+        raise InvalidRequestError(name, f"{name} must be a list of token ids, got {v!r}")
     return [_int(name, t) for t in v]
 
 
@@ -90,16 +95,16 @@ def _logit_bias(v: Any) -> dict[int, float] | None:
     if v is None:
         return None
     if not isinstance(v, dict):
-        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {v!r}")
+        raise InvalidRequestError("logit_bias", f"logit_bias must be a mapping of token id to bias, got {v!r}")
     out: dict[int, float] = {}
     for key, bias in v.items():
         if isinstance(key, str):
             try:
                 key = int(key.strip())
             except ValueError:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+                raise InvalidRequestError("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
         elif not _is_int(key):
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            raise InvalidRequestError("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
         bias = _float("logit_bias", bias)
         _in_range(f"logit_bias[{key}]", bias, -100.0, 100.0)
         out[key] = bias
@@ -128,6 +133,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens; -1: max_model_len
+    # Structured outputs: a pyserve.structured.GrammarSpec every sample's tokens must follow; with
+    # structured_outputs_after, only once that token (a reasoning model's end of thinking) has been generated.
+    structured_outputs: Any = None
+    structured_outputs_after: int | None = None
 
     def __post_init__(self) -> None:
         self.n = _int("n", self.n)
@@ -135,17 +144,17 @@ class SamplingParams:
 
         self.temperature = _float("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature:g}")
+            raise InvalidRequestError("temperature", f"temperature must be >= 0, got {self.temperature:g}")
 
         self.top_p = _float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequestError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
 
         self.top_k = _int("top_k", self.top_k)
         if self.top_k == -1:
             self.top_k = 0
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (or -1 for off), got {self.top_k}")
+            raise InvalidRequestError("top_k", f"top_k must be >= 0 (or -1 for off), got {self.top_k}")
 
         self.min_p = _float("min_p", self.min_p)
         _in_range("min_p", self.min_p, 0.0, 1.0)
@@ -158,7 +167,8 @@ class SamplingParams:
         _in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidRequestError("repetition_penalty",
+                                      f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
         self.logit_bias = _logit_bias(self.logit_bias)
         self.stop = _stop_list(self.stop)
@@ -167,12 +177,13 @@ class SamplingParams:
 
         self.max_tokens = _opt_int("max_tokens", self.max_tokens)
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidRequestError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         self.min_tokens = _int("min_tokens", self.min_tokens)
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+            raise InvalidRequestError("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            raise InvalidRequestError("min_tokens", f"min_tokens must be <= max_tokens ({self.max_tokens}), "
+                                                    f"got {self.min_tokens}")
 
         self.logprobs = _opt_int("logprobs", self.logprobs)
         if self.logprobs is not None:
@@ -183,8 +194,17 @@ class SamplingParams:
         self.truncate_prompt_tokens = _opt_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1 \
                 and self.truncate_prompt_tokens != -1:
-            raise ValueError(f"truncate_prompt_tokens must be >= 1 (or -1 for the maximum context length), "
+            raise InvalidRequestError("truncate_prompt_tokens", "truncate_prompt_tokens must be >= 1 (or -1 for the "
+                                      "maximum context length), "
                              f"got {self.truncate_prompt_tokens}")
+
+        if self.structured_outputs is not None:
+            from pyserve.structured.spec import GrammarSpec
+
+            if not isinstance(self.structured_outputs, GrammarSpec):
+                raise InvalidRequestError("structured_outputs", "structured_outputs must be a GrammarSpec, got "
+                                                                f"{type(self.structured_outputs).__name__}")
+        self.structured_outputs_after = _opt_int("structured_outputs_after", self.structured_outputs_after)
 
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = _bool("include_stop_str_in_output", self.include_stop_str_in_output)
@@ -196,7 +216,9 @@ class SamplingParams:
 
     def validate_for_vocab(self, vocab_size: int) -> None:
         """Token ids in logit_bias and stop_token_ids must lie in [0, vocab_size)."""
-        for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids or [])):
+        after = [] if self.structured_outputs_after is None else [self.structured_outputs_after]
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids or []),
+                          ("structured_outputs_after", after)):
             for t in ids:
                 if not 0 <= t < vocab_size:
-                    raise ValueError(f"{name} token id {t} is out of range [0, {vocab_size})")
+                    raise InvalidRequestError(name, f"{name} token id {t} is out of range [0, {vocab_size})")

@@ -5,6 +5,7 @@ bench/compare.py gets them: `pip download` once, then the parts the tests read a
 ~/.cache/pyserve-tests/llama.cpp/<version>/ (about 80 MB):
   convert_hf_to_gguf.py, conversion/, gguf-py/   llama.cpp's HF -> GGUF converter and its gguf-py
   models/ggml-vocab-*.gguf[.inp|.out]             vocabulary-only files and their tokenizer test vectors
+  models/templates/*.jinja                        real chat templates (copied from models' tokenizer configs)
 
 `python tests/llamacpp.py` fills the cache (make test does, before pytest).
 """
@@ -21,14 +22,15 @@ from pathlib import Path
 # Pinned so that the test vectors and the converter do not change under us.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE = Path(os.environ.get("PYSERVE_TEST_CACHE", Path.home() / ".cache" / "pyserve-tests"))
-_WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-")
+_WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-", "models/templates/")
 
 
 def llama_cpp_dir() -> Path:
     """The unpacked subset of llama.cpp's sources (downloaded and unpacked if missing)."""
     root = CACHE / "llama.cpp" / LLAMA_CPP_PYTHON_VERSION
     done = root / ".complete"
-    if done.exists():
+    # The marker names the parts unpacked, so a cache filled before a part was wanted is refilled.
+    if done.exists() and done.read_text() == "\n".join(_WANTED):
         return root
     with tempfile.TemporaryDirectory(dir=CACHE.mkdir(parents=True, exist_ok=True) or CACHE) as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-q",
@@ -44,7 +46,7 @@ def llama_cpp_dir() -> Path:
                     m.name = rel
                     members.append(m)
             t.extractall(root, members=members, filter="data")
-    done.touch()
+    done.write_text("\n".join(_WANTED))
     return root
 
 
@@ -52,6 +54,11 @@ def vocab_files() -> list[Path]:
     """Every ggml-vocab-*.gguf that comes with test vectors (.inp and .out)."""
     models = llama_cpp_dir() / "models"
     return sorted(p for p in models.glob("ggml-vocab-*.gguf") if p.with_name(p.name + ".out").exists())
+
+
+def chat_templates() -> list[Path]:
+    """The real chat templates llama.cpp tests its own renderer with (models/templates/*.jinja)."""
+    return sorted((llama_cpp_dir() / "models" / "templates").glob("*.jinja"))
 
 
 def vocab_vectors(vocab: Path) -> list[tuple[str, list[int]]]:

@@ -11,7 +11,12 @@ median microseconds per call, effective GB/s (logits bytes / time) and the
 ratio, as a table and one JSON line; also the minimum per call, which
 shared machines distort less.
 
-    python bench/kernels/bench_sampling.py [--device cuda] [--dtype bfloat16] [--threads N]
+Then the cost of an allowed-token bitmask (structured outputs): pyserve's
+sample without and with a random mask (--mask-density of the ids allowed, the
+rest of each row's words random too) on the same logits, the two interleaved
+in one timing loop, for the headline case, plain temperature and greedy.
+
+    python bench/kernels/bench_sampling.py [--device cuda] [--dtype bfloat16] [--threads N] [--mask-density D]
 """
 
 from __future__ import annotations
@@ -61,7 +66,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: torch's default)")
+    p.add_argument("--mask-density", type=float, default=0.5, help="fraction of ids the bitmask allows")
+    p.add_argument("--thread-time", action="store_true",
+                   help="CPU, one thread: time the calling thread's CPU time, not wall time (a busy shared machine)")
     a = p.parse_args()
+    if a.thread_time:
+        if a.device != "cpu" or a.threads not in (0, 1):
+            p.error("--thread-time is for --device cpu with one thread")
+        a.threads = 1
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -93,24 +105,61 @@ def main() -> None:
         def baseline():
             return torch_sampler(logits, temp, kk.long() if k > 0 else None, pp if top_p < 1 else None, torch_gen)
 
-        times = timed_side_by_side({"ours": ours, "torch": baseline}, a.iters, a.warmup, dev)
+        times = timed_side_by_side({"ours": ours, "torch": baseline}, a.iters, a.warmup, dev, a.thread_time)
         (t_ours, min_ours), (t_torch, min_torch) = times["ours"], times["torch"]
         rows.append({"case": name, "pyserve_us": t_ours * 1e6, "torch_us": t_torch * 1e6,
                      "ratio": t_torch / t_ours, "pyserve_gbps": logits_bytes / t_ours / 1e9,
                      "torch_gbps": logits_bytes / t_torch / 1e9, "pyserve_min_us": min_ours * 1e6,
                      "torch_min_us": min_torch * 1e6, "ratio_of_mins": min_torch / min_ours})
 
+    # The bitmask: bit id % 32 of word id // 32, --mask-density of the ids allowed.
+    words = (V + 31) // 32
+    bits = (torch.rand(B, words * 32, generator=gen) < a.mask_density).long().view(B, words, 32)
+    packed = (bits << torch.arange(32)).sum(-1)
+    mask = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).to(dev)
+    mask_cases = [
+        ("top_p 0.9 + top_k 50, T 0.8", 0.8, 50, 0.9),
+        ("temperature 0.8", 0.8, 0, 1.0),
+        ("greedy", 0.0, 0, 1.0),
+    ]
+    mask_rows = []
+    for name, T, k, top_p in mask_cases:
+        temp, kk, pp = full(T, torch.float32), full(k, torch.int32), full(top_p, torch.float32)
+
+        def plain():
+            steps.add_(1)
+            return _ops.sample(logits, temp, kk, pp, zeros, seeds, steps, ones, zeros, zeros)
+
+        def masked():
+            steps.add_(1)
+            return _ops.sample(logits, temp, kk, pp, zeros, seeds, steps, ones, zeros, zeros,
+                               allowed_token_bitmask=mask)
+
+        times = timed_side_by_side({"plain": plain, "masked": masked}, a.iters, a.warmup, dev, a.thread_time)
+        (t_plain, min_plain), (t_mask, min_mask) = times["plain"], times["masked"]
+        mask_rows.append({"case": name, "plain_us": t_plain * 1e6, "masked_us": t_mask * 1e6,
+                          "overhead": t_mask / t_plain - 1, "plain_min_us": min_plain * 1e6,
+                          "masked_min_us": min_mask * 1e6, "overhead_of_mins": min_mask / min_plain - 1})
+
     info = pyserve.build_info() if hasattr(pyserve, "build_info") else {}
     print(f"sampling: batch {B} x vocab {V}, {a.dtype} logits on {dev} "
-          f"({torch.get_num_threads()} threads, {info.get('cpu_isa', '?')})")
+          f"({torch.get_num_threads()} threads, {info.get('cpu_isa', '?')}"
+          f"{', thread CPU time' if a.thread_time else ''})")
     print(f"{'case (median; min)':30s} {'pyserve us':>11s} {'torch us':>10s} {'ratio':>7s} {'pyserve GB/s':>13s} "
           f"{'torch GB/s':>11s} {'min: pyserve':>13s} {'torch':>9s} {'ratio':>7s}")
     for r in rows:
         print(f"{r['case']:30s} {r['pyserve_us']:11.1f} {r['torch_us']:10.1f} {r['ratio']:6.2f}x "
               f"{r['pyserve_gbps']:13.2f} {r['torch_gbps']:11.2f} {r['pyserve_min_us']:13.1f} "
               f"{r['torch_min_us']:9.1f} {r['ratio_of_mins']:6.2f}x")
+    print(f"\nallowed-token bitmask ({a.mask_density:.0%} of ids allowed), pyserve only:")
+    print(f"{'case (median; min)':30s} {'no mask us':>11s} {'mask us':>10s} {'cost':>7s} {'min: no mask':>13s} "
+          f"{'mask':>9s} {'cost':>7s}")
+    for r in mask_rows:
+        print(f"{r['case']:30s} {r['plain_us']:11.1f} {r['masked_us']:10.1f} {100 * r['overhead']:+6.1f}% "
+              f"{r['plain_min_us']:13.1f} {r['masked_min_us']:9.1f} {100 * r['overhead_of_mins']:+6.1f}%")
     print(json.dumps({"bench": "sample", "device": dev, "dtype": a.dtype, "batch": B, "vocab": V,
-                      "machine": platform.machine(), "threads": torch.get_num_threads(), "rows": rows}))
+                      "machine": platform.machine(), "threads": torch.get_num_threads(), "rows": rows,
+                      "thread_time": a.thread_time, "mask_density": a.mask_density, "mask_rows": mask_rows}))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
     const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
     const c10::optional<at::Tensor>& prompt_token_ids, const c10::optional<at::Tensor>& output_token_ids,
     const c10::optional<at::Tensor>& logit_bias_ids, const c10::optional<at::Tensor>& logit_bias_values,
-    int64_t num_top_logprobs) {
+    int64_t num_top_logprobs, const c10::optional<at::Tensor>& allowed_token_bitmask) {
   return PYSERVE_CPU_DISPATCH(sample, logits, temperature, top_k, top_p, min_p, seeds, steps, repetition_penalty,
                               presence_penalty, frequency_penalty, prompt_token_ids, output_token_ids,
-                              logit_bias_ids, logit_bias_values, num_top_logprobs);
+                              logit_bias_ids, logit_bias_values, num_top_logprobs, allowed_token_bitmask);
 }
 
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double weight_offset) {

@@ -7,7 +7,12 @@
 //      candidate selection, never a full sort);
 //   2. logit bias and penalties touch only the listed ids (per-thread count
 //      and mark arrays stay zero between rows, so nothing is O(V) there);
-//   3. greedy argmax, or w = exp(x / T - max) (second vectorized exp pass).
+//   3. with an allowed-token bitmask, one more pass sets the logits of the
+//      disallowed ids to -inf and takes the max of the rest (one shift and
+//      one blend per 8 ids); nothing else reads the mask except the
+//      rare fallbacks, because a disallowed id then behaves exactly like an
+//      absent one (below);
+//   4. greedy argmax, or w = exp(x / T - max) (second vectorized exp pass).
 // Every filter in SAMPLING.md is a threshold on w: K = {w >= t_k},
 // P = {i in K : w >= t_p}, M = {i in P : w >= mp}, so M = {w >= theta} with
 // theta = max(t_k, t_p, mp). t_k comes from a one-pass running-threshold
@@ -17,6 +22,15 @@
 // cumulative mass crosses p * Z_K. The draw then walks M in id order. Masses are summed in double so the summation order (which the
 // CUDA kernel cannot share) changes a decision only if u lands within ~1e-16
 // of a boundary.
+//
+// Why -inf is "absent" (SAMPLING.md step 5): a disallowed id gets w = 0.
+// Every threshold is either > 0, where zeros do not count, or 0, where the
+// absent-id definition gives 0 too (fewer than k allowed ids with w > 0);
+// zeros add no mass to Z_K or Z; and the walk never picks a w = 0 id (its
+// c + 0 > u * Z would need c > u * Z, so an earlier id was picked). Only
+// the fallbacks (greedy when every allowed logit is -inf; the draw's
+// past-the-end and empty-M rules) and the degenerate max z = -inf or NaN
+// (where exp(-inf - max z) is not 0) consult the mask again.
 #include "dispatch.h"
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -47,7 +61,7 @@ constexpr int kBucketShift = 19;
 constexpr int64_t kBuckets = 2048;
 constexpr int64_t kHistCopies = 4;
 
-// ---- the random number (SAMPLING.md step 7) --------------------------------
+// ---- the random number (SAMPLING.md step 8) --------------------------------
 
 inline uint64_t splitmix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ull;
@@ -148,6 +162,88 @@ int64_t first_equal(const float* x, int64_t n, float v) {
   return 0;
 }
 
+// ---- the allowed-token bitmask (SAMPLING.md step 5) ----------------------------
+
+// One row of the mask: bit i % 32 of word i / 32 set = id i allowed; ids at or
+// past 32 * num_words are not allowed.
+struct Allowed {
+  bool masked;            // false: every id is allowed
+  const uint32_t* words;  // [num_words] (may be null when num_words == 0)
+  int64_t num_words;
+  bool operator()(int64_t i) const {
+    if (!masked) return true;
+    const int64_t w = i >> 5;
+    return w < num_words && (words[w] >> (i & 31) & 1u);
+  }
+  // The 8 mask bits of ids i..i+7 (i a multiple of 8) as the low byte.
+  uint32_t byte_at(int64_t i) const {
+    const int64_t w = i >> 5;
+    return w < num_words ? (words[w] >> (i & 31)) & 0xFFu : 0u;
+  }
+};
+
+// The lowest (first = true) or highest allowed id in [0, n), or -1 if none.
+int64_t allowed_end(const Allowed& a, int64_t n, bool first) {
+  if (!a.masked) return n > 0 ? (first ? 0 : n - 1) : -1;
+  const int64_t nw = std::min<int64_t>(a.num_words, (n + 31) / 32);
+  auto word = [&](int64_t w) {
+    uint32_t bits = a.words[w];
+    if (32 * w + 32 > n) bits &= (1u << (n - 32 * w)) - 1u;  // ids >= n are ignored
+    return bits;
+  };
+  if (first) {
+    for (int64_t w = 0; w < nw; ++w)
+      if (const uint32_t bits = word(w)) return 32 * w + __builtin_ctz(bits);
+  } else {
+    for (int64_t w = nw - 1; w >= 0; --w)
+      if (const uint32_t bits = word(w)) return 32 * w + 31 - __builtin_clz(bits);
+  }
+  return -1;
+}
+
+// In place: x[i] <- -inf for every disallowed id; returns max_i x[i] (the max
+// over the allowed ids, -inf if none), with row_max's lane order (8-id blocks
+// in id order into one vector, then the scalar tail) so that an all-allowed
+// mask gives row_max's result even with NaNs.
+float mask_row(float* x, int64_t n, const Allowed& a) {
+  int64_t i = 0;
+  float m = -kInf;
+#ifdef PYSERVE_HAVE_AVX2
+  const __m256 ninf = _mm256_set1_ps(-kInf);
+  __m256 mv = ninf;
+  // A whole word at a time: shifting the word left by 31 - (lane's bit) puts
+  // that bit in the lane's sign, which is what blendv reads.
+  const __m256i shift0 = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+  const __m256i eight = _mm256_set1_epi32(8);
+  const int64_t full_words = std::min<int64_t>(a.num_words, n / 32);
+  for (int64_t w = 0; w < full_words; ++w, i += 32) {
+    const __m256i word = _mm256_set1_epi32(static_cast<int>(a.words[w]));
+    __m256i shift = shift0;
+    for (int j = 0; j < 4; ++j, shift = _mm256_sub_epi32(shift, eight)) {
+      const __m256 keep = _mm256_castsi256_ps(_mm256_sllv_epi32(word, shift));
+      const __m256 v = _mm256_blendv_ps(ninf, _mm256_loadu_ps(x + i + 8 * j), keep);
+      _mm256_storeu_ps(x + i + 8 * j, v);
+      mv = _mm256_max_ps(mv, v);
+    }
+  }
+  // The rest in 8-id blocks: a partial last word, or ids past the mask's words.
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i sel = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(a.byte_at(i))), lane_bit);
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(sel, lane_bit));
+    const __m256 v = _mm256_blendv_ps(ninf, _mm256_loadu_ps(x + i), keep);
+    _mm256_storeu_ps(x + i, v);
+    mv = _mm256_max_ps(mv, v);
+  }
+  m = hmax(mv);
+#endif
+  for (; i < n; ++i) {
+    if (!a(i)) x[i] = -kInf;
+    m = std::max(m, x[i]);
+  }
+  return m;
+}
+
 // In place: x[i] <- exp(x[i] / T - zmax), NaN -> 0. True division (not a
 // multiply by 1/T) so z rounds exactly like the reference's x / T.
 void compute_weights(float* x, int64_t n, float T, float zmax) {
@@ -239,7 +335,7 @@ float top_p_walk_sorted(const float* sorted, int64_t n, double cum, double targe
   return n > 0 ? sorted[n - 1] : 0.f;  // rounding fallback: keep the whole list
 }
 
-// t_p (SAMPLING.md step 6) over the n values get(0..n) (all >= 0, <= 1).
+// t_p (SAMPLING.md step 7) over the n values get(0..n) (all >= 0, <= 1).
 // Small sets are sorted. Large ones use a mass histogram keyed by the float's
 // top bits (monotone in the value for non-negative floats): walk buckets from
 // the top to the one where the mass crosses p * Z_K, then sort just that
@@ -398,7 +494,7 @@ inline double hsum_pd(__m256d v) {
 // walk run out, the past-the-end rule below applies.
 constexpr int64_t kDrawGroup = 64;
 
-int64_t draw_full(const float* w, int64_t n, float theta, double u) {
+int64_t draw_full(const float* w, int64_t n, float theta, double u, const Allowed& allowed) {
   double z = 0.0;
   int64_t i = 0;
 #ifdef PYSERVE_HAVE_AVX2
@@ -429,21 +525,23 @@ int64_t draw_full(const float* w, int64_t n, float theta, double u) {
       if (c + w[i] > target) return i;
       c += w[i];
     }
-  // Rounding walked past the end: the last id of M.
+  // Rounding walked past the end: the last id of M; M empty: the last allowed id.
   for (int64_t j = n - 1; j >= 0; --j)
-    if (w[j] >= theta) return j;
-  return n - 1;
+    if (w[j] >= theta && allowed(j)) return j;
+  return allowed_end(allowed, n, /*first=*/false);
 }
 
 // Same draw over a candidate list (ids increasing, vals = w[ids]) that holds M.
-int64_t draw_list(const std::vector<int32_t>& ids, const std::vector<float>& vals, float theta, double u) {
+// Its fallbacks are draw_full's (the list may hold disallowed ids with w = 0).
+int64_t draw_list(const std::vector<int32_t>& ids, const std::vector<float>& vals, float theta, double u,
+                  int64_t V, const Allowed& allowed) {
   const int64_t n = static_cast<int64_t>(ids.size());
   double z = 0.0;
   int64_t last = -1;
   for (int64_t i = 0; i < n; ++i)
     if (vals[i] >= theta) {
       z += vals[i];
-      last = ids[i];
+      if (allowed(ids[i])) last = ids[i];
     }
   const double target = u * z;
   double c = 0.0;
@@ -452,7 +550,7 @@ int64_t draw_list(const std::vector<int32_t>& ids, const std::vector<float>& val
       if (c + vals[i] > target) return ids[i];
       c += vals[i];
     }
-  return last >= 0 ? last : (n > 0 ? ids[n - 1] : 0);
+  return last >= 0 ? last : allowed_end(allowed, V, /*first=*/false);
 }
 
 // ---- per row -------------------------------------------------------------------
@@ -485,6 +583,9 @@ struct Inputs {
   const int64_t *prompt, *output, *bias_ids;  // nullptr when absent
   const float* bias_vals;
   int64_t prompt_len, output_len, bias_len;
+  bool masked;           // an allowed_token_bitmask was given
+  const uint32_t* mask;  // [batch, mask_words] (null if mask_words == 0)
+  int64_t mask_words;
   int64_t* sampled;
   float* sampled_lp;
   int64_t* top_ids;
@@ -549,6 +650,15 @@ void sample_row(const Elem* row, int64_t b, const Inputs& in, Scratch& s) {
   const float log_sum = std::log(sum_exp(x, V, m));
   if (in.N > 0) top_logprobs(x, b, in, m, log_sum, s);
 
+  // 5 (checked first). A row that allows no id samples -1; steps 2-4 have
+  // not touched the scratch arrays yet, so skipping them keeps them clean.
+  const Allowed allowed{in.masked, in.mask ? in.mask + b * in.mask_words : nullptr, in.mask_words};
+  if (allowed.masked && allowed_end(allowed, V, /*first=*/true) < 0) {
+    in.sampled[b] = -1;
+    in.sampled_lp[b] = -kInf;
+    return;
+  }
+
   // 2. Logit bias, in list order (duplicates add up).
   bool modified = false;
   if (in.bias_ids) {
@@ -602,15 +712,32 @@ void sample_row(const Elem* row, int64_t b, const Inputs& in, Scratch& s) {
     }
   }
 
-  const float xmax = modified ? row_max(x, V) : m;
+  // 5. Allowed ids: disallowed logits -> -inf, the max over the allowed ones.
+  const float xmax = allowed.masked ? mask_row(x, V, allowed) : modified ? row_max(x, V) : m;
   const float T = in.temperature[b];
   int64_t token;
   if (T <= kGreedyTemperature) {
-    // 5. Greedy: the first id holding the maximum.
+    // 6. Greedy: the first id holding the maximum. A disallowed id holds it
+    // only if every allowed logit is -inf (or the max is NaN): then the first
+    // allowed id holding it, else the first allowed id, as over the sub-row.
     token = first_equal(x, V, xmax);
+    if (!allowed(token)) {
+      token = allowed_end(allowed, V, /*first=*/true);
+      for (int64_t i = token; i < V; ++i)
+        if (x[i] == xmax && allowed(i)) {
+          token = i;
+          break;
+        }
+    }
   } else {
-    // 6. max(x / T) is xmax / T: correctly rounded division is monotone.
+    // 7. max(x / T) is xmax / T: correctly rounded division is monotone.
     compute_weights(x, V, T, xmax / T);
+    if (allowed.masked && !(xmax > -kInf)) {
+      // exp(-inf - max z) is NaN here, which the vector exp maps to a tiny
+      // weight, not 0: keep the disallowed ids out explicitly.
+      for (int64_t i = 0; i < V; ++i)
+        if (!allowed(i)) x[i] = 0.f;
+    }
     const float* w = x;
     const int32_t k = in.top_k[b];
     const float p = in.top_p[b], mp = in.min_p[b];
@@ -627,11 +754,11 @@ void sample_row(const Elem* row, int64_t b, const Inputs& in, Scratch& s) {
                                     s.buf, s.hist));
       }
       if (mp > 0.f) theta = std::max(theta, mp);
-      token = draw_list(s.ids, s.vals, theta, u);
+      token = draw_list(s.ids, s.vals, theta, u, V, allowed);
     } else {
       if (p < 1.f) theta = top_p_threshold_row(w, V, p, s.packed.data(), s.buf, s.hist);
       if (mp > 0.f) theta = std::max(theta, mp);
-      token = draw_full(w, V, theta, u);
+      token = draw_full(w, V, theta, u, allowed);
     }
   }
   in.sampled[b] = token;
@@ -646,10 +773,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
     const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
     const c10::optional<at::Tensor>& prompt_token_ids, const c10::optional<at::Tensor>& output_token_ids,
     const c10::optional<at::Tensor>& logit_bias_ids, const c10::optional<at::Tensor>& logit_bias_values,
-    int64_t num_top_logprobs) {
+    int64_t num_top_logprobs, const c10::optional<at::Tensor>& allowed_token_bitmask) {
   check_sample(logits, temperature, top_k, top_p, min_p, seeds, steps, repetition_penalty, presence_penalty,
                frequency_penalty, prompt_token_ids, output_token_ids, logit_bias_ids, logit_bias_values,
-               num_top_logprobs);
+               num_top_logprobs, allowed_token_bitmask);
   const int64_t B = logits.size(0), V = logits.size(1), N = num_top_logprobs;
   auto long_opts = logits.options().dtype(at::kLong);
   auto float_opts = logits.options().dtype(at::kFloat);
@@ -679,6 +806,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
   in.output = ids_of(output_token_ids, in.output_len);
   in.bias_ids = ids_of(logit_bias_ids, in.bias_len);
   in.bias_vals = in.bias_ids ? logit_bias_values->data_ptr<float>() : nullptr;
+  // The mask's int32 words read as uint32 (bit 31 is id 32 w + 31).
+  in.masked = allowed_token_bitmask.has_value();
+  in.mask_words = in.masked ? allowed_token_bitmask->size(1) : 0;
+  in.mask = in.mask_words > 0 ? reinterpret_cast<const uint32_t*>(allowed_token_bitmask->data_ptr<int32_t>())
+                              : nullptr;
   in.sampled = sampled.data_ptr<int64_t>();
   in.sampled_lp = sampled_lp.data_ptr<float>();
   in.top_ids = top_ids.data_ptr<int64_t>();

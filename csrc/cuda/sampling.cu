@@ -14,6 +14,12 @@
 // for the N-th largest log-prob key, strictly-larger entries ranked in shared
 // memory, boundary ties taken in id order by a scan. For N > kMaxTopInKernel
 // the top-N is a stable descending torch sort of log_softmax instead.
+//
+// Allowed-token bitmask (SAMPLING.md step 5): the argmax skips disallowed ids
+// (none allowed: token -1) and their w is 0, which makes them absent from
+// every threshold (a threshold > 0 ignores zeros; one of 0 is 0 either way)
+// and from the draw's masses; the kept() test excludes them from M itself so
+// the draw's past-the-end and empty-M fallbacks stay on allowed ids.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/log_softmax.h>
 #include <ATen/ops/sort.h>
@@ -62,6 +68,9 @@ struct SampleParams {
   const int64_t* output;  // [batch, output_len] or null
   const int64_t* bias_ids;
   const float* bias_values;
+  const uint32_t* mask;  // [batch, mask_words] int32 words read as uint32, null when there is no mask
+  int64_t mask_words;
+  bool masked;
   float* ws;      // [batch, vocab]
   int32_t* marks; // [batch, vocab], null when there are no id lists
   int64_t* sampled;
@@ -174,6 +183,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
   const int tid = threadIdx.x;
   const T* logits = p.logits + b * V;
   float* x = p.ws + b * V;
+  const uint32_t* mask = p.mask ? p.mask + b * p.mask_words : nullptr;
+  const bool masked = p.masked;
+  // Bit i % 32 of word i / 32; ids past the mask's words are not allowed.
+  auto allowed = [&](int i) {
+    return !masked || (static_cast<int64_t>(i >> 5) < p.mask_words && ((mask[i >> 5] >> (i & 31)) & 1u));
+  };
 
   // 1. Raw log-softmax statistics; copy the logits to fp32.
   float mx = -INFINITY;
@@ -242,10 +257,12 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
   }
   __syncthreads();
 
-  // 4. argmax (lowest id on ties) = greedy token and max for the softmax.
+  // 4. argmax over the allowed ids (lowest id on ties) = greedy token and max
+  // for the softmax; best_id stays INT_MAX when no id is allowed.
   float best = -INFINITY;
   int best_id = INT_MAX;
   for (int i = tid; i < V; i += kThreads) {
+    if (!allowed(i)) continue;
     float v = x[i];
     if (isnan(v)) v = -INFINITY;
     if (argmax_better(v, i, best, best_id)) {
@@ -255,15 +272,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
   }
   block_argmax(best, best_id, red_f, red_i);
 
-  int token = best_id;
+  int token = best_id != INT_MAX ? best_id : -1;  // block-uniform
   const float temperature = p.temperature[b];
-  if (!(temperature <= 1e-5f)) {
-    // 5. w = exp(x / T - max z), in place.
+  if (token >= 0 && !(temperature <= 1e-5f)) {
+    // 5. w = exp(x / T - max z), in place; 0 for disallowed ids.
     const float zmax = __fdiv_rn(best, temperature);
     for (int i = tid; i < V; i += kThreads) {
       float w = expf(__fsub_rn(__fdiv_rn(x[i], temperature), zmax));
       if (!(w >= 0.f)) w = 0.f;  // NaN
-      x[i] = w;
+      x[i] = allowed(i) ? w : 0.f;
     }
     __syncthreads();
 
@@ -304,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
         }
         if (block_allreduce(s, SumOp{}, red_d) >= target) t_p = cand;
       }
-      // t_p must be one of K's values (SAMPLING.md 6). The search lands on one
+      // t_p must be one of K's values (SAMPLING.md 7). The search lands on one
       // whenever target > 0, but if target == 0 (every w is 0, e.g. a row of
       // -inf logits) every candidate passes and t_p would end above all w,
       // emptying P; the spec's t_p is then the largest w (0), keeping all.
@@ -313,13 +330,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
     const uint32_t thr = t_k > t_p ? t_k : t_p;
     const float min_p = p.min_p[b];
     const bool use_min_p = min_p > 0.f;
-    auto kept = [&](float w) { return __float_as_uint(w) >= thr && (!use_min_p || w >= min_p); };
+    auto kept = [&](int i, float w) {
+      return __float_as_uint(w) >= thr && (!use_min_p || w >= min_p) && allowed(i);
+    };
 
     // Draw: first kept id (increasing id order) whose running sum passes u * Z.
     double z = 0.0;
     for (int i = tid; i < V; i += kThreads) {
       const float w = x[i];
-      if (kept(w)) z += w;
+      if (kept(i, w)) z += w;
     }
     z = block_allreduce(z, SumOp{}, red_d);
     const double target = uniform(p.seeds[b], p.steps[b]) * z;
@@ -332,7 +351,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
         w[j] = first + j < V ? x[first + j] : 0.f;
-        if (first + j < V && kept(w[j])) local += w[j];
+        if (first + j < V && kept(first + j, w[j])) local += w[j];
       }
       double prefix, aggregate;
       ScanDouble(scan_tmp.d).ExclusiveSum(local, prefix, aggregate);
@@ -340,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
       int my_found = INT_MAX, my_last = -1;
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
-        if (first + j < V && kept(w[j])) {
+        if (first + j < V && kept(first + j, w[j])) {
           if (my_found == INT_MAX && c + w[j] > target) my_found = first + j;
           c += w[j];
           my_last = first + j;
@@ -355,13 +374,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleParams<T> 
         break;  // block-uniform
       }
     }
-    // M is empty only when every w is 0 (a row of -inf logits) and min_p > 0;
-    // the CPU sampler then returns V - 1, so do the same to stay in agreement.
-    token = found != INT_MAX ? found : (last >= 0 ? last : V - 1);
+    // M is empty when every allowed w is 0 (a row of -inf logits) and
+    // min_p > 0, or min_p > 1: the last allowed id (V - 1 without a mask).
+    if (found != INT_MAX) {
+      token = found;
+    } else if (last >= 0) {
+      token = last;
+    } else {
+      int my_last = -1;
+      for (int i = tid; i < V; i += kThreads) {
+        if (allowed(i)) my_last = i;  // increasing in i
+      }
+      token = block_allreduce(my_last, MaxIntOp{}, red_i);  // >= 0: some id is allowed
+    }
   }
   if (tid == 0) {
     p.sampled[b] = token;
-    p.sampled_logprob[b] = logprob(token);
+    p.sampled_logprob[b] = token >= 0 ? logprob(token) : -INFINITY;
   }
 
   // 6. Top-N raw log-probs, descending, ties by lower id.
@@ -433,10 +462,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
     const at::Tensor& presence_penalty, const at::Tensor& frequency_penalty,
     const c10::optional<at::Tensor>& prompt_token_ids, const c10::optional<at::Tensor>& output_token_ids,
     const c10::optional<at::Tensor>& logit_bias_ids, const c10::optional<at::Tensor>& logit_bias_values,
-    int64_t num_top_logprobs) {
+    int64_t num_top_logprobs, const c10::optional<at::Tensor>& allowed_token_bitmask) {
   check_sample(logits, temperature, top_k, top_p, min_p, seeds, steps, repetition_penalty, presence_penalty,
                frequency_penalty, prompt_token_ids, output_token_ids, logit_bias_ids, logit_bias_values,
-               num_top_logprobs);
+               num_top_logprobs, allowed_token_bitmask);
   const int64_t batch = logits.size(0), vocab = logits.size(1);
   const auto long_opts = logits.options().dtype(at::kLong);
   const auto float_opts = logits.options().dtype(at::kFloat);
@@ -478,6 +507,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample(
     p.bias_ids = has_bias ? logit_bias_ids->data_ptr<int64_t>() : nullptr;
     p.bias_values = has_bias ? logit_bias_values->data_ptr<float>() : nullptr;
     p.bias_len = has_bias ? logit_bias_ids->size(1) : 0;
+    p.masked = allowed_token_bitmask.has_value();
+    p.mask_words = p.masked ? allowed_token_bitmask->size(1) : 0;
+    p.mask = p.mask_words > 0 ? reinterpret_cast<const uint32_t*>(allowed_token_bitmask->data_ptr<int32_t>())
+                              : nullptr;
     p.ws = ws.data_ptr<float>();
     p.marks = marks.defined() ? marks.data_ptr<int32_t>() : nullptr;
     p.sampled = sampled.data_ptr<int64_t>();

@@ -74,7 +74,37 @@ class AsyncLLMEngine:
         if failure:
             raise failure[0]
 
+    # ---- what a server reads of the model (fixed once built) -------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.model.cfg.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.engine.eos_token_ids
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the whole KV cache holds."""
+        return self.engine.num_blocks * self.engine.config.block_size
+
     # ---- called on the event loop --------------------------------------------------------------
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize off the event loop; a text too long for the context is refused untokenized."""
+        return await self.run_off_loop(self.engine.encode, text, add_special_tokens)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self.run_off_loop(self.engine.tokenizer.decode, token_ids)
 
     async def run_off_loop(self, fn: Callable, *args):
         """fn(*args) on the preparation thread (tokenizing, chat templates), awaited."""
@@ -113,6 +143,8 @@ class AsyncLLMEngine:
                     raise item
                 if item.error is not None:
                     finished = True
+                    if item.error_param is not None:
+                        raise RequestFailedError(item.error, item.error_param)
                     raise RequestFailedError(f"request {request_id} failed in the engine: {item.error}")
                 finished = item.finished
                 yield item

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,15 +27,32 @@ from pyserve.engine.kv_cache_dtype import resolve_kv_cache_dtype
 from pyserve.engine.model_runner import ModelRunner, SampledToken, StepResult
 from pyserve.engine.scheduler import Scheduler
 from pyserve.engine.sequence import Sequence
+from pyserve.engine.sequence_grammar import SequenceGrammar
+from pyserve.errors import InvalidRequestError
 from pyserve.models import LlamaModel, load_model
 from pyserve.outputs import CompletionOutput, RequestOutput
 from pyserve.sampling_params import SamplingParams
 
 log = logging.getLogger("pyserve.engine")
+CONTEXT_LENGTH = "context_length_exceeded"  # OpenAI's error code
 
 
 class RequestFailedError(RuntimeError):
-    """A request failed inside the engine; the engine and the other requests are fine."""
+    """A request failed inside the engine; the engine and the other requests are fine. `param` names
+    the request field at fault when the request itself was (its grammar), else None (a bug)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class PreparedRequest(NamedTuple):
+    """A request tokenized and validated off the engine thread, its grammar compiled."""
+
+    text: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    grammar: Any = None  # the backend's compiled grammar, for params.structured_outputs
 
 
 @dataclass
@@ -59,6 +78,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int  # computed (not served from the cache)
     generation_tokens: int
+    grammar_mask_seconds: float = 0.0  # spent filling structured-output token masks
 
 
 def _guard(failed: dict[str, BaseException], request_id: str, fn, *args) -> bool:
@@ -124,6 +144,8 @@ class LLMEngine:
                  str(self.kv_cache_dtype).removeprefix("torch."), config.kv_cache_dtype, self.max_model_len,
                  capacity / self.max_model_len)
         self.requests: dict[str, _Request] = {}
+        self._grammar_backend = None  # built by the first request with structured outputs
+        self._grammar_lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self._arrivals = 0
@@ -154,17 +176,27 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
 
-    def prepare_request(self, prompt: str | list[int], params: SamplingParams | None = None
-                        ) -> tuple[str | None, list[int], SamplingParams]:
+    def grammar_backend(self):
+        """The structured-output backend over this model's vocabulary, built once (any thread)."""
+        with self._grammar_lock:
+            if self._grammar_backend is None:
+                from pyserve.structured import create_backend
+
+                self._grammar_backend = create_backend(self.tokenizer, self.model.cfg.vocab_size,
+                                                       self.eos_token_ids)
+                self.runner.grammar_backend = self._grammar_backend
+            return self._grammar_backend
+
+    def prepare_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> PreparedRequest:
         """Tokenize and validate without touching the engine's mutable state
-        (safe from any thread). Raises ValueError naming what is wrong."""
+        (safe from any thread). Raises InvalidRequestError naming what is wrong."""
         params = params or SamplingParams()
         keep = params.truncate_prompt_tokens
         if keep == -1:
             keep = self.max_model_len
         if keep is not None and keep > self.max_model_len:
-            raise ValueError(f"truncate_prompt_tokens ({keep}) is greater than the maximum context length "
-                             f"({self.max_model_len})")
+            raise InvalidRequestError("truncate_prompt_tokens", f"truncate_prompt_tokens ({keep}) is greater than "
+                                      f"the maximum context length ({self.max_model_len})")
         if isinstance(prompt, str):
             text, ids = prompt, self.encode(prompt, bounded=keep is None)
         else:
@@ -173,22 +205,31 @@ class LLMEngine:
             text, ids = None, ids[-keep:]  # the last k tokens (vLLM); the text no longer matches them
         vocab = self.model.cfg.vocab_size
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequestError("prompt", "prompt must not be empty")
         if len(ids) > self.max_model_len:  # before the per-id checks: a huge list costs seconds to walk
-            raise ValueError(f"context_length_exceeded: the prompt has {len(ids)} tokens, more than the maximum "
-                             f"context length of {self.max_model_len}")
+            raise InvalidRequestError("prompt", f"context_length_exceeded: the prompt has {len(ids)} tokens, more "
+                                      f"than the maximum context length of {self.max_model_len}", CONTEXT_LENGTH)
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+            raise InvalidRequestError("prompt", f"prompt token ids must be integers in [0, {vocab})")
         params.validate_for_vocab(vocab)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(ids)
         if len(ids) + max(max_tokens, 1) > self.max_model_len:
-            raise ValueError(
-                f"context_length_exceeded: the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, "
-                f"{len(ids) + max_tokens} in all, but the maximum context length is {self.max_model_len}")
+            raise InvalidRequestError(
+                "prompt", f"context_length_exceeded: the prompt has {len(ids)} tokens and max_tokens is "
+                f"{max_tokens}, {len(ids) + max_tokens} in all, but the maximum context length is "
+                f"{self.max_model_len}", CONTEXT_LENGTH)
         if self.block_manager.blocks_needed(len(ids) + max_tokens) > self.num_blocks:
-            raise ValueError(f"the request needs {len(ids) + max_tokens} tokens of KV cache but the whole cache "
-                             f"holds {self.num_blocks * self.config.block_size}")
-        return text, ids, params
+            raise InvalidRequestError("prompt", f"the request needs {len(ids) + max_tokens} tokens of KV cache but the "
+                                      f"whole cache holds {self.num_blocks * self.config.block_size}")
+        grammar = None
+        if params.structured_outputs is not None:
+            from pyserve.structured import GrammarError
+
+            try:
+                grammar = self.grammar_backend().compile(params.structured_outputs)
+            except GrammarError as e:
+                raise InvalidRequestError(e.param, str(e)) from None
+        return PreparedRequest(text, ids, params, grammar)
 
     def encode(self, text: str, add_special_tokens: bool = True, bounded: bool = True) -> list[int]:
         """Tokenize, refusing (ValueError) a text so long that it cannot fit the context whatever
@@ -197,16 +238,17 @@ class LLMEngine:
         that a server tokenizing on a worker thread keeps its event loop running."""
         limit = self.max_model_len * self.tokenizer.max_bytes_per_token
         if bounded and len(text) > limit:  # characters: a lower bound on its UTF-8 bytes
-            raise ValueError(f"context_length_exceeded: the prompt has {len(text)} characters; at most "
-                             f"{self.tokenizer.max_bytes_per_token} bytes per token, that is more than the "
-                             f"maximum context length of {self.max_model_len} tokens")
+            raise InvalidRequestError("prompt", f"context_length_exceeded: the prompt has {len(text)} characters; "
+                                      f"at most {self.tokenizer.max_bytes_per_token} bytes per token, that is more "
+                                      f"than the maximum context length of {self.max_model_len} tokens",
+                                      CONTEXT_LENGTH)
         return self.tokenizer.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    prepared: tuple[str | None, list[int], SamplingParams] | None = None) -> None:
+                    prepared: PreparedRequest | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, ids, params = prepared or self.prepare_request(prompt, params)
+        text, ids, params, grammar = prepared or self.prepare_request(prompt, params)
         # Everything that can fail is built before the engine's state changes: nothing to undo.
         seqs, detoks = [], []
         for i in range(params.n):
@@ -214,6 +256,9 @@ class LLMEngine:
             if params.seed is not None and i > 0:
                 seed = hash((params.seed, i)) & ((1 << 63) - 1)
             seq = Sequence(self._next_seq_id + i, request_id, i, ids, params, seed, self._arrivals + 1)
+            if grammar is not None:
+                seq.grammar = SequenceGrammar(self._grammar_backend.new_matcher(grammar),
+                                              params.structured_outputs_after, params.structured_outputs.param)
             if i > 0:
                 seq.fork_from = seqs[0]
             elif params.prompt_logprobs is not None:
@@ -273,8 +318,12 @@ class LLMEngine:
 
     def _fail(self, request_id: str, error: BaseException) -> RequestOutput:
         """End a request that failed in the engine: every block back, finish_reason "error"."""
-        log.error("request %s failed in the engine: %s: %s", request_id, type(error).__name__, error,
-                  exc_info=error)
+        invalid = isinstance(error, InvalidRequestError)
+        if invalid:
+            log.info("request %s refused in the engine: %s", request_id, error)
+        else:
+            log.error("request %s failed in the engine: %s: %s", request_id, type(error).__name__, error,
+                      exc_info=error)
         req = self.requests.pop(request_id)
         outs = []
         for seq in req.seqs:
@@ -284,12 +333,15 @@ class LLMEngine:
             outs.append(CompletionOutput(index=seq.index, text="", token_ids=list(seq.output_ids),
                                          finish_reason="error"))
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens,
-                             error=f"{type(error).__name__}: {error}")
+                             error=str(error) if invalid else f"{type(error).__name__}: {error}",
+                             error_param=error.param if invalid else None)
 
     def _append(self, s: SampledToken) -> None:
         seq = s.seq
         req = self.requests[seq.request_id]
         p = seq.params
+        if seq.grammar is not None:  # -1: the sampler's answer when the grammar allows no token at all
+            seq.grammar.accept(s.token_id)
         seq.output_ids.append(s.token_id)
         seq.sampled_logprobs.append(s.logprob)
         if s.top_logprobs is not None:
@@ -308,6 +360,8 @@ class LLMEngine:
             reason, stop_reason = "stop", s.token_id
         elif detok.stop_matched is not None:
             reason, stop_reason = "stop", detok.stop_matched
+        elif seq.grammar is not None and seq.grammar.terminated:
+            reason = "stop"
         elif p.max_tokens is not None and n_out >= p.max_tokens:
             reason = "length"
         elif seq.num_tokens >= self.max_model_len:
@@ -324,13 +378,16 @@ class LLMEngine:
             detok = req.detoks[i]
             text = detok.text
             delta_text = text[req.sent_text[i]:]
-            delta_ids = seq.output_ids[req.sent_tokens[i]:]
+            sent = req.sent_tokens[i]
             req.sent_text[i], req.sent_tokens[i] = len(text), len(seq.output_ids)
+            want_top = req.params.logprobs is not None
             outs.append(CompletionOutput(
                 index=i, text=text, token_ids=list(seq.output_ids), finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason, logprobs=list(seq.sampled_logprobs),
-                top_logprobs=list(seq.logprobs) if req.params.logprobs is not None else None,
-                delta_text=delta_text, delta_token_ids=delta_ids))
+                top_logprobs=list(seq.logprobs) if want_top else None,
+                delta_text=delta_text, delta_token_ids=seq.output_ids[sent:],
+                delta_logprobs=seq.sampled_logprobs[sent:],
+                delta_top_logprobs=seq.logprobs[sent:] if want_top else None))
         finished = all(s.finished for s in req.seqs)
         if finished:
             del self.requests[req.request_id]
@@ -347,4 +404,5 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
+            grammar_mask_seconds=self.runner.grammar_mask_seconds,
         )

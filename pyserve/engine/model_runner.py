@@ -10,6 +10,8 @@ kernel see the whole batch; a failure there is the engine's, not a request's."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +44,7 @@ class StepResult:
 class _SamplingInputs:
     tensors: tuple  # the sample op's per-row arguments, in its order
     num_top: int
+    allowed_mask: torch.Tensor | None = None  # [rows, words] int32: structured outputs' allowed tokens
 
 
 class ModelRunner:
@@ -52,6 +55,9 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size, kv_cache_dtype)
         self.eos_token_ids = eos_token_ids
+        self.grammar_backend = None  # set by the engine with the first structured-output request
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyserve-grammar")
+        self.grammar_mask_seconds = 0.0
 
     def execute(self, batch: ScheduledBatch) -> StepResult:
         result = StepResult()
@@ -96,6 +102,9 @@ class ModelRunner:
         meta = AttentionMetadata(slots, block_tables, seq_lens_t, qsl_t, max(seq_lens))
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         rows = sample_rows + [r for _, start, _, count in prompt_rows for r in range(start, start + count)]
+        # Grammar masks fill on another thread while the model runs (llguidance releases the GIL).
+        masks = self._mask_pool.submit(self._allowed_mask, sample_seqs) if sample_seqs and any(
+            s.grammar is not None and s.grammar.active for s in sample_seqs) else None
         logits = self.model.forward(input_ids, positions, self.kv_caches, meta,
                                     torch.tensor(rows, dtype=torch.long, device=dev))
         for seq, n in zip(batch.seqs, batch.num_tokens):
@@ -109,6 +118,14 @@ class ModelRunner:
             except Exception as e:  # noqa: BLE001 - this request's, reported by the engine
                 result.failed.append((seq, e))
             offset += count
+        if masks is not None:
+            sampling.allowed_mask = masks.result()
+            for s in sample_seqs:
+                if s.grammar is not None and s.grammar.active:
+                    try:
+                        s.grammar.check()
+                    except Exception as e:  # noqa: BLE001 - this request's grammar; its token is dropped
+                        result.failed.append((s, e))
         if sample_seqs:
             result.sampled = self._sample(logits[: len(sample_rows)], sample_seqs, sampling)
         return result
@@ -183,8 +200,19 @@ class ModelRunner:
             prompt_ids, output_ids, bias_ids, bias_values,
         ), max((p.logprobs or 0) for p in params))
 
+    def _allowed_mask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The grammar rows' allowed tokens (all bits set for rows without a grammar), or None."""
+        rows = [(s.grammar, i) for i, s in enumerate(seqs) if s.grammar is not None and s.grammar.active]
+        if not rows:
+            return None
+        start = time.perf_counter()
+        mask = self.grammar_backend.allocate_bitmask(len(seqs))
+        self.grammar_backend.fill_bitmasks([(g.matcher, i) for g, i in rows], mask)  # in parallel, GIL released
+        self.grammar_mask_seconds += time.perf_counter() - start
+        return mask.to(self.device)
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], inputs: _SamplingInputs) -> list[SampledToken]:
-        result = _ops.sample(logits, *inputs.tensors, inputs.num_top)
+        result = _ops.sample(logits, *inputs.tensors, inputs.num_top, inputs.allowed_mask)
         tokens = result.token_ids.tolist()
         logprobs = result.logprobs.tolist()
         top_ids = result.top_ids.tolist() if inputs.num_top else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pyserve.engine.sequence_grammar import SequenceGrammar
 from pyserve.sampling_params import SamplingParams
 
 
@@ -40,6 +41,8 @@ class Sequence:
     prompt_logprobs: list | None = None
     # n > 1: siblings wait for the first sample's prompt and fork its blocks.
     fork_from: "Sequence | None" = None
+    # Structured outputs: the grammar that masks this sample's tokens (pyserve/engine/sequence_grammar.py).
+    grammar: "SequenceGrammar | None" = None
 
     @property
     def num_tokens(self) -> int:

@@ -48,7 +48,9 @@ class _EngineCollector:
                 ("pyserve:generation_tokens", "generation_tokens", "Tokens generated."),
                 ("pyserve:num_preemptions", "num_preemptions", "Sequences preempted for lack of KV cache."),
                 ("pyserve:prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
-                ("pyserve:prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache.")):
+                ("pyserve:prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+                ("pyserve:structured_output_mask_seconds", "grammar_mask_seconds",
+                 "Seconds spent filling structured-output (grammar) token masks.")):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], since(attr))
             yield c

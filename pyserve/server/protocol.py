@@ -4,49 +4,24 @@ Nothing here touches the network or the engine."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from pyserve.errors import InvalidRequestError
 from pyserve.sampling_params import INT64_MAX, SamplingParams
+from pyserve.server.errors import APIError
+from pyserve.server.structured_fields import grammar_spec
+from pyserve.server.tool_schemas import ToolRequest, parse_tool_request
 
 
-class APIError(Exception):
-    """Becomes `{"error": {"message", "type", "param", "code"}}` with `status`."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-_FIELD_RE = re.compile(r"^([A-Za-z_]+)")
-
-
-def from_value_error(e: ValueError, prompt_param: str = "prompt") -> APIError:
-    """The engine's and SamplingParams' ValueErrors start with the field's name."""
-    msg = str(e)
-    m = _FIELD_RE.match(msg)
-    field = m.group(1) if m else None
-    if field == "context_length_exceeded":
-        return APIError(400, msg, param=prompt_param, code="context_length_exceeded")
-    if field in ("prompt", "the"):
-        return APIError(400, msg, param=prompt_param)
-    if field == "stop":  # "stop strings must be ..."
-        return APIError(400, msg, param="stop")
-    if field == "logit_bias":
-        return APIError(400, msg, param="logit_bias")
-    return APIError(400, msg, param=field)
+def json_body(request) -> dict:
+    """The request's JSON object; 400 for a Content-Type that is not JSON (a missing one is accepted)."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise APIError(400, f"unsupported Content-Type {ctype!r}; send application/json")
+    return parse_json(request.body)
 
 
 def parse_json(body: bytes) -> dict:
@@ -64,8 +39,7 @@ def parse_json(body: bytes) -> dict:
 # ---- fields -----------------------------------------------------------------------------------
 
 # Fields we do not implement: a 400 saying so rather than silently ignoring them.
-_UNSUPPORTED = ("tools", "functions", "function_call", "suffix", "audio", "prediction", "modalities",
-                "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+_UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "prediction", "modalities")
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "logit_bias", "stop", "stop_token_ids",
@@ -77,7 +51,7 @@ _ANY = object()  # no value of the field is accepted (but null)
 # ChatCompletionRequest): a 400 naming the field, unless it is null or the value that changes nothing.
 _VLLM_UNSUPPORTED: dict[str, Any] = {
     "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True,
-    "allowed_token_ids": _ANY, "bad_words": [], "prompt_embeds": _ANY, "structured_outputs": _ANY,
+    "allowed_token_ids": _ANY, "bad_words": [], "prompt_embeds": _ANY,
     "structural_tag": _ANY, "guided_decoding_backend": _ANY, "guided_whitespace_pattern": _ANY,
     "priority": 0, "request_id": _ANY, "logits_processors": _ANY, "return_tokens_as_token_ids": False,
     "cache_salt": _ANY, "kv_transfer_params": _ANY, "vllm_xargs": _ANY, "repetition_detection": _ANY,
@@ -85,7 +59,7 @@ _VLLM_UNSUPPORTED: dict[str, Any] = {
 }
 _VLLM_UNSUPPORTED_COMPLETION = {"add_special_tokens": True}
 _VLLM_UNSUPPORTED_CHAT = {"add_special_tokens": False, "continue_final_message": False, "documents": _ANY,
-                          "chat_template": _ANY, "chat_template_kwargs": _ANY, "media_io_kwargs": _ANY}
+                          "chat_template": _ANY, "media_io_kwargs": _ANY}
 
 
 def _check_unsupported(body: dict, vllm_extra: dict[str, Any]) -> None:
@@ -101,15 +75,6 @@ def _check_unsupported(body: dict, vllm_extra: dict[str, Any]) -> None:
                 continue
             also = "" if harmless is _ANY else f" (only its default, {orjson.dumps(harmless).decode()})"
             raise APIError(400, f"{name} is not supported by this server{also}", param=name)
-    tc = body.get("tool_choice")
-    if tc is not None and tc != "none":
-        raise APIError(400, "tool_choice is not supported by this server (only 'none')", param="tool_choice")
-    rf = body.get("response_format")
-    if rf is not None:
-        kind = rf.get("type") if isinstance(rf, dict) else rf
-        if kind != "text":
-            raise APIError(400, f"response_format of type {kind!r} is not supported by this server "
-                                "(only 'text')", param="response_format")
     _opt(body, "user", str, "a string")  # accepted for OpenAI clients that send it; not used
     bo = body.get("best_of")
     if bo is not None and bo != body.get("n", 1) and bo != 1:
@@ -151,10 +116,11 @@ def sampling_params(body: dict, max_tokens: int | None, logprobs: int | None) ->
             kw[name] = v
     kw["max_tokens"] = max_tokens
     kw["logprobs"] = logprobs
+    kw["structured_outputs"] = grammar_spec(body)
     try:
         return SamplingParams(**kw)
-    except ValueError as e:
-        raise from_value_error(e) from None
+    except InvalidRequestError as e:
+        raise APIError.invalid(e) from None
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], default: int | None) -> int | None:
@@ -192,6 +158,8 @@ class ChatRequest:
     top_logprobs: int | None  # None: no logprobs asked
     continuous_usage: bool = False
     return_token_ids: bool = False
+    tools: ToolRequest | None = None  # tools, tool_choice, parallel_tool_calls
+    chat_template_kwargs: dict | None = None  # vLLM's: extra template variables (enable_thinking, ...)
 
 
 def _model(body: dict) -> str | None:
@@ -214,6 +182,9 @@ def _return_token_ids(body: dict) -> bool:
 
 def parse_completion(body: dict) -> CompletionRequest:
     _check_unsupported(body, _VLLM_UNSUPPORTED_COMPLETION)
+    for name in ("tools", "tool_choice"):  # chat only
+        if body.get(name) not in (None, [], "none"):
+            raise APIError(400, f"{name} is only supported by /v1/chat/completions", param=name)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list = [prompt]
@@ -248,8 +219,41 @@ def _message_content(i: int, content: Any) -> str:
                 raise APIError(400, f"messages[{i}].content: only text parts are supported, got {kind!r}",
                                param="messages")
             parts.append(part["text"])
-        return "".join(parts)
+        return "\n".join(parts)  # as vLLM joins text parts
     raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Template variables the server sets itself.
+_TEMPLATE_RESERVED = frozenset({"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def _message(i: int, m: Any) -> dict:
+    """A message as the chat template gets it: role (developer becomes system), content as text, and
+    what tool use adds (an assistant's tool_calls, a tool result's tool_call_id, a name)."""
+    if not isinstance(m, dict):
+        raise APIError(400, f"messages[{i}] must be an object", param="messages")
+    role = m.get("role")
+    if role not in _ROLES:
+        raise APIError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}",
+                       param="messages")
+    out = {"role": "system" if role == "developer" else role, "content": _message_content(i, m.get("content"))}
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            raise APIError(400, f"messages[{i}].tool_calls must be a list, in an assistant message",
+                           param="messages")
+        if calls:
+            out["tool_calls"] = calls
+            if m.get("content") is None:
+                out["content"] = None  # as sent: templates test for it
+    for key in ("tool_call_id", "name", "reasoning_content"):
+        v = m.get(key)
+        if v is not None:
+            if not isinstance(v, str):
+                raise APIError(400, f"messages[{i}].{key} must be a string", param="messages")
+            out[key] = v
+    return out
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -257,18 +261,8 @@ def parse_chat(body: dict) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of messages", param="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object", param="messages")
-        role = m.get("role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role must be system, developer, user or assistant, got {role!r}",
-                           param="messages")
-        if m.get("tool_calls"):
-            raise APIError(400, "tool_calls in messages are not supported by this server", param="messages")
-        clean.append({"role": "system" if role == "developer" else role,
-                      "content": _message_content(i, m.get("content"))})
+    clean = [_message(i, m) for i, m in enumerate(messages)]
+    tools = parse_tool_request(body)
     if _opt(body, "echo", bool, "a boolean"):  # vLLM's chat extra; not implemented here
         raise APIError(400, "echo is not supported for chat completions by this server", param="echo")
     stream, include_usage, continuous_usage = _stream_options(body)
@@ -286,5 +280,12 @@ def parse_chat(body: dict) -> ChatRequest:
         raise APIError(400, "add_generation_prompt must be a boolean", param="add_generation_prompt")
     _prompt_logprobs(body, stream)
     params = sampling_params(body, _max_tokens(body, ("max_completion_tokens", "max_tokens"), None), n_lp)
+    if tools is not None and tools.json_schema() is not None and params.structured_outputs is not None:
+        raise APIError(400, f"tool_choice {tools.tool_choice!r} constrains the output already; it cannot be "
+                            "combined with response_format or structured_outputs", param="tool_choice")
+    kwargs = _opt(body, "chat_template_kwargs", dict, "an object")
+    if kwargs and any(k in _TEMPLATE_RESERVED for k in kwargs):
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(sorted(_TEMPLATE_RESERVED))}",
+                       param="chat_template_kwargs")
     return ChatRequest(_model(body), clean, add_gen, params, stream, include_usage, n_lp, continuous_usage,
-                       _return_token_ids(body))
+                       _return_token_ids(body), tools, kwargs)

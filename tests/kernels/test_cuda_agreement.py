@@ -15,6 +15,8 @@ import pyserve._ops  # noqa: F401  (registers torch.ops.pyserve.*)
 import pytest
 import torch
 
+from tests.kernels.sampling_reference import allowed_from_bitmask, pack_bitmask
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
@@ -328,8 +330,32 @@ def test_copy_blocks(dtype):
 # --------------------------------------------------------------------------- sampling
 
 
+def sampling_mask(batch, vocab, g, width="exact"):
+    """A mixed allowed_token_bitmask: -1 (unconstrained), dense and sparse random,
+    one id, a range, and one row that allows nothing; num_words ceil(V / 32)
+    ("exact"), half of it ("narrow") or 3 more with garbage bits past V ("wide")."""
+    nw = {"exact": (vocab + 31) // 32, "narrow": (vocab + 31) // 64, "wide": (vocab + 31) // 32 + 3}[width]
+    n = max(32 * nw, vocab)
+    allowed = torch.rand(batch, n, generator=g) < 0.5
+    for b in range(batch):
+        kind = b % 6
+        if kind == 1:
+            allowed[b, :vocab] = torch.rand(vocab, generator=g) < 0.01
+        elif kind == 2:
+            allowed[b, :vocab] = False
+            allowed[b, int(torch.randint(0, min(vocab, 32 * nw) or 1, (1,), generator=g))] = True
+        elif kind == 3:
+            allowed[b, :vocab] = False
+            allowed[b, vocab // 3: vocab // 3 + 40] = True
+        elif kind == 4 and b == 4:
+            allowed[b, :vocab] = False  # nothing allowed: token -1 on both devices
+    mask = pack_bitmask(allowed, nw)
+    mask[5::6] = -1
+    return mask
+
+
 def sampling_args(batch, vocab, dtype=torch.float32, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                  penalties=False, bias=False, steps=None):
+                  penalties=False, bias=False, steps=None, mask=None):
     g = torch.Generator().manual_seed(1234)
     logits = (torch.randn(batch, vocab, generator=g) * 3).to(dtype)
     full = lambda v, dt=torch.float32: torch.full((batch,), v, dtype=dt)  # noqa: E731
@@ -348,6 +374,7 @@ def sampling_args(batch, vocab, dtype=torch.float32, temperature=1.0, top_k=0, t
         output_token_ids=None,
         logit_bias_ids=None,
         logit_bias_values=None,
+        allowed_token_bitmask=None if mask is None else sampling_mask(batch, vocab, g, mask),
     )
     if penalties:
         prompt = torch.randint(0, vocab, (batch, 30), generator=g)
@@ -371,6 +398,7 @@ def run_sample(args, device, num_top):
         a["logits"], a["temperature"], a["top_k"], a["top_p"], a["min_p"], a["seeds"], a["steps"],
         a["repetition_penalty"], a["presence_penalty"], a["frequency_penalty"], a["prompt_token_ids"],
         a["output_token_ids"], a["logit_bias_ids"], a["logit_bias_values"], num_top,
+        a.get("allowed_token_bitmask"),
     )
     return [t.cpu() for t in out]
 
@@ -435,3 +463,58 @@ def test_sample_empty_batch():
     args = {k: (v[:0] if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     out = run_sample(args, "cuda", 2)
     assert out[0].shape == (0,) and out[2].shape == (0, 2)
+
+
+# --------------------------------------------------------------------------- sampling with a token bitmask
+
+
+def assert_tokens_allowed(tokens, mask, vocab):
+    for b, t in enumerate(tokens.tolist()):
+        allowed = allowed_from_bitmask(mask[b], vocab)
+        assert (t == -1) == (not allowed.any()) and (t == -1 or allowed[t]), (b, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", ["exact", "narrow", "wide"])
+@pytest.mark.parametrize("penalties,bias", [(False, False), (True, True)])
+def test_sample_masked_greedy(dtype, width, penalties, bias):
+    args = sampling_args(18, 3000, dtype, temperature=0.0, penalties=penalties, bias=bias, mask=width)
+    out = assert_sample_agree(args, num_top=8)
+    assert_tokens_allowed(out[0], args["allowed_token_bitmask"], 3000)
+    assert out[0][4] == -1 and torch.isneginf(out[1][4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", ["exact", "narrow", "wide"])
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(temperature=0.7, top_k=20),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.9, top_k=50, top_p=0.9, min_p=0.01),
+    dict(temperature=1.1, top_k=1),
+    dict(temperature=1.0, top_p=0.9, penalties=True, bias=True),
+    dict(temperature=1.0, min_p=1.5),  # M empty: the last allowed id
+])
+def test_sample_masked_seeded_identical(dtype, width, settings):
+    for step in range(3):
+        args = sampling_args(12, 5000, dtype, steps=torch.full((12,), step, dtype=torch.int64), mask=width,
+                             **settings)
+        out = assert_sample_agree(args, num_top=3)
+        assert_tokens_allowed(out[0], args["allowed_token_bitmask"], 5000)
+
+
+def test_sample_masked_large_vocab():
+    args = sampling_args(6, 152_064, temperature=0.8, top_k=40, top_p=0.95, mask="wide")
+    assert_sample_agree(args, num_top=20)
+    args = sampling_args(6, 152_064, temperature=1.0, top_p=0.9, mask="exact")
+    assert_sample_agree(args, num_top=2000)  # the host-side top-N path
+
+
+def test_sample_all_ones_mask_is_unconstrained():
+    args = sampling_args(8, 4000, temperature=0.9, top_k=30, top_p=0.9, penalties=True, bias=True)
+    plain = run_sample(args, "cuda", 4)
+    args["allowed_token_bitmask"] = torch.full((8, 126), -1, dtype=torch.int32)
+    for got, want in zip(run_sample(args, "cuda", 4), plain):
+        assert torch.equal(got, want)
+    assert_sample_agree(args, num_top=4)

@@ -59,12 +59,21 @@ def test_context_length_exceeded(server):
 
 
 def test_unsupported_fields(server):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    status, body = http("POST", server.url + "/v1/chat/completions", {**CHAT, "tools": tools})
-    _check(status, body, 400, "tools")
+    functions = [{"name": "f", "parameters": {}}]  # the API's deprecated form of tools
+    status, body = http("POST", server.url + "/v1/chat/completions", {**CHAT, "functions": functions})
+    _check(status, body, 400, "functions")
     assert "not supported" in body["error"]["message"]
     _check(*http("POST", server.url + "/v1/chat/completions",
-                 {**CHAT, "response_format": {"type": "json_object"}}), 400, "response_format")
+                 {**CHAT, "response_format": {"type": "xml"}}), 400, "response_format")
+
+
+def test_auto_tool_choice_needs_the_server_flags(server):
+    """As vLLM: tools with tool_choice "auto" (the default when tools are given) need
+    --enable-auto-tool-choice and --tool-call-parser; this server has neither."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    status, body = http("POST", server.url + "/v1/chat/completions", {**CHAT, "tools": tools})
+    _check(status, body, 400, "tool_choice")
+    assert "--tool-call-parser" in body["error"]["message"]
 
 
 def test_bad_messages(server):

@@ -19,9 +19,11 @@ COMMON = ["model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", 
           "stop", "stop_token_ids", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty",
           "logit_bias", "logprobs", "ignore_eos", "min_tokens", "skip_special_tokens", "user", "prompt_logprobs",
           "truncate_prompt_tokens", "return_token_ids", "cache_salt", "priority"]
-COMPLETION_FIELDS = COMMON + ["prompt", "echo", "best_of", "suffix"]
-CHAT_FIELDS = COMMON + ["messages", "top_logprobs", "max_completion_tokens", "response_format", "tools",
-                        "tool_choice", "add_generation_prompt"]
+STRUCTURED = ["response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+              "guided_grammar"]
+COMPLETION_FIELDS = COMMON + STRUCTURED + ["prompt", "echo", "best_of", "suffix"]
+CHAT_FIELDS = COMMON + STRUCTURED + ["messages", "top_logprobs", "max_completion_tokens", "tools", "tool_choice",
+                                     "parallel_tool_calls", "add_generation_prompt", "chat_template_kwargs"]
 
 scalars = st.one_of(
     st.none(), st.booleans(),
@@ -102,6 +104,49 @@ def test_fuzz_completions(server, body):
 @given(body=_bodies(CHAT_FIELDS, "messages", messages, valid_messages))
 def test_fuzz_chat(server, body):
     _post(server.url + "/v1/chat/completions", body)
+
+
+# Plausible shapes of the grammar and tool fields, so that fuzzing reaches the compilers and parsers.
+schemas = st.recursive(st.sampled_from([{"type": "string"}, {"type": "integer"}, {"type": "bogus"}, {}, True,
+                                        {"enum": []}, {"$ref": "#/nowhere"}, {"pattern": "("}]),
+                       lambda inner: st.one_of(st.fixed_dictionaries({"type": st.just("object"),
+                                                                      "properties": st.dictionaries(
+                                                                          st.text(max_size=5), inner, max_size=3)}),
+                                               st.fixed_dictionaries({"type": st.just("array"), "items": inner}),
+                                               st.fixed_dictionaries({"anyOf": st.lists(inner, max_size=3)})),
+                       max_leaves=6)
+structured = st.one_of(
+    st.fixed_dictionaries({"response_format": st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "x"])}),
+        st.fixed_dictionaries({"type": st.just("json_schema"),
+                               "json_schema": st.fixed_dictionaries({"name": st.text(max_size=5),
+                                                                     "schema": st.one_of(schemas, values)})}),
+        values)}),
+    st.fixed_dictionaries({"structured_outputs": st.one_of(
+        st.fixed_dictionaries({"json": st.one_of(schemas, values)}),
+        st.fixed_dictionaries({"regex": st.one_of(st.text(max_size=12), st.sampled_from(["(", "a{99999}", "[a-"]))}),
+        st.fixed_dictionaries({"choice": st.lists(st.text(max_size=6), max_size=3)}),
+        st.fixed_dictionaries({"grammar": st.one_of(st.text(max_size=20),
+                                                    st.just('start: "a" b\nb: /[0-9]+/'))}),
+        values)}))
+tool = st.fixed_dictionaries({"type": st.sampled_from(["function", "x"]),
+                              "function": st.one_of(st.fixed_dictionaries({"name": st.text(max_size=6),
+                                                                           "parameters": schemas}), values)})
+tools_fields = st.fixed_dictionaries({
+    "tools": st.one_of(st.lists(tool, max_size=2), values),
+    "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required", "x"]), values,
+                             st.fixed_dictionaries({"type": st.just("function"),
+                                                    "function": st.fixed_dictionaries({"name": st.text(max_size=6)})})),
+    "parallel_tool_calls": st.one_of(st.booleans(), values)})
+
+
+@settings(**SETTINGS)
+@given(extra=st.one_of(structured, tools_fields), endpoint=st.sampled_from(["completions", "chat"]),
+       stream=st.booleans())
+def test_fuzz_structured_and_tools(server, extra, endpoint, stream):
+    base = ({"prompt": "Hi"} if endpoint == "completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    _post(server.url + f"/v1/{'chat/' if endpoint == 'chat' else ''}completions",
+          {**base, **extra, "max_tokens": 3, "stream": stream})
 
 
 def test_still_serving_after_fuzz(server):

@@ -174,7 +174,7 @@ REFUSED = [("completions", "cache_salt", "secret"), ("completions", "use_beam_se
            ("completions", "return_tokens_as_token_ids", True), ("completions", "add_special_tokens", False),
            ("completions", "logits_processors", ["x.y"]), ("completions", "vllm_xargs", {"a": 1}),
            ("chat", "cache_salt", "secret"), ("chat", "chat_template", "{{ messages }}"),
-           ("chat", "continue_final_message", True), ("chat", "chat_template_kwargs", {"x": 1}),
+           ("chat", "continue_final_message", True), ("chat", "structural_tag", {"x": 1}),
            ("chat", "length_penalty", 2.0), ("chat", "spaces_between_special_tokens", False)]
 
 
