@@ -23,8 +23,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 # llguidance: the grammar engine of structured outputs (pyserve/structured); a minor-version range,
-# as vLLM pins it, since its Python API moves between minors.
-RUNTIME_DEPS = ["numpy", "safetensors", "tokenizers", "jinja2", "sanic", "orjson", "prometheus-client",
+# as vLLM pins it, since its Python API moves between minors. jinja2 >= 3.1.6: older releases have
+# sandbox escapes that a chat template could use (transformers refuses them too).
+RUNTIME_DEPS = ["numpy", "safetensors", "tokenizers", "jinja2>=3.1.6", "sanic", "orjson", "prometheus-client",
                 "llguidance>=1.9.1,<1.10"]
 
 

@@ -94,6 +94,15 @@ def test_parse_n4_sampled(client, tiny_client, which):
         _is_person(choice.message.parsed)
 
 
+def test_parse_streamed(client):
+    """The SDK's streaming helper parses the streamed JSON into the model."""
+    with client.chat.completions.stream(model=client.models.list().data[0].id, messages=MESSAGES,
+                                        response_format=Person, max_tokens=400, temperature=0) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].finish_reason == "stop"
+    _is_person(final.choices[0].message.parsed)
+
+
 @pytest.mark.parametrize("which", ["default", "tiny"])
 def test_streamed_json_schema_equals_whole(client, tiny_client, which):
     c = dict(_clients(client, tiny_client))[which]
