@@ -93,6 +93,10 @@ class AsyncLLMEngine:
         return self.engine.eos_token_ids
 
     @property
+    def block_size(self) -> int:
+        return self.engine.config.block_size
+
+    @property
     def kv_cache_tokens(self) -> int:
         """Tokens the whole KV cache holds."""
         return self.engine.num_blocks * self.engine.config.block_size

@@ -41,7 +41,8 @@ def start_engine(state) -> None:
     engine = AsyncLLMEngine(build)
     baseline = engine.stats()
     ph.seconds["engine"] = time.perf_counter() - built_at[0]  # handing the engine to the event loop
-    state.metrics.attach(engine, baseline)
+    state.metrics.attach(engine, baseline, {"block_size": engine.block_size,
+                                            "num_gpu_blocks": engine.kv_cache_tokens // engine.block_size})
     state.metrics.set_startup(ph.seconds)
     state.engine = engine
     state.ready_seconds = process_age() or (time.time() - state.t_start)

@@ -22,9 +22,21 @@ _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
                  5.0, 10.0)
 
 
+# What request routers for model servers read by default (the Kubernetes Gateway API Inference
+# Extension's endpoint picker: --total-queued-requests-metric, --total-running-requests-metric,
+# --kv-cache-usage-percentage-metric, --cache-info-metric), under vLLM's names; vLLM's older name for
+# the cache usage too. The same values as the pyserve: series.
+_ROUTER_GAUGES = (("vllm:num_requests_waiting", "num_waiting", "pyserve:num_requests_waiting"),
+                  ("vllm:num_requests_running", "num_running", "pyserve:num_requests_running"),
+                  ("vllm:kv_cache_usage_perc", "kv_cache_usage", "pyserve:kv_cache_usage_perc"),
+                  ("vllm:gpu_cache_usage_perc", "kv_cache_usage", "pyserve:kv_cache_usage_perc"))
+_ROUTER_COUNTERS = (("vllm:prefix_cache_queries", "prefix_cache_queries"),
+                    ("vllm:prefix_cache_hits", "prefix_cache_hits"))
+
+
 class _EngineCollector:
-    def __init__(self, stats: Callable, baseline: Callable):
-        self._stats, self._baseline = stats, baseline
+    def __init__(self, stats: Callable, baseline: Callable, cache_info: Callable):
+        self._stats, self._baseline, self._cache_info = stats, baseline, cache_info
 
     def collect(self):
         s = self._stats()
@@ -54,6 +66,25 @@ class _EngineCollector:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], since(attr))
             yield c
+        queries = since("prefix_cache_queries")
+        g = GaugeMetricFamily("pyserve:prefix_cache_hit_rate",
+                              "Prompt tokens found in the prefix cache / prompt tokens looked up, since startup.")
+        g.add_metric([], since("prefix_cache_hits") / queries if queries else 0.0)
+        yield g
+        for name, attr, ours in _ROUTER_GAUGES:
+            g = GaugeMetricFamily(name, f"As {ours} (for request routers).")
+            g.add_metric([], getattr(s, attr))
+            yield g
+        for name, attr in _ROUTER_COUNTERS:
+            c = CounterMetricFamily(name, f"As pyserve:{attr} (for request routers).")
+            c.add_metric([], since(attr))
+            yield c
+        info = self._cache_info()
+        if info:
+            g = GaugeMetricFamily("vllm:cache_config_info", "KV-cache configuration (labels), value 1.",
+                                  labels=sorted(info))
+            g.add_metric([str(info[k]) for k in sorted(info)], 1)
+            yield g
 
 
 class Metrics:
@@ -72,14 +103,16 @@ class Metrics:
                                    ["phase"], registry=r)
         self._engine = None
         self._baseline = None
-        r.register(_EngineCollector(self._engine_stats, lambda: self._baseline))
+        self._cache_info: dict = {}
+        r.register(_EngineCollector(self._engine_stats, lambda: self._baseline, lambda: self._cache_info))
 
     def _engine_stats(self):
         return self._engine.stats() if self._engine is not None else None
 
-    def attach(self, engine, baseline) -> None:
-        """engine: anything with .stats(); baseline: the stats the warm-up left behind."""
-        self._engine, self._baseline = engine, baseline
+    def attach(self, engine, baseline, cache_info: dict | None = None) -> None:
+        """engine: anything with .stats(); baseline: the stats the warm-up left behind; cache_info: the
+        KV cache's block_size and num_gpu_blocks (vLLM's labels, which prefix-aware routers read)."""
+        self._engine, self._baseline, self._cache_info = engine, baseline, cache_info or {}
 
     def set_startup(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
