@@ -103,8 +103,8 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         rows = sample_rows + [r for _, start, _, count in prompt_rows for r in range(start, start + count)]
         # Grammar masks fill on another thread while the model runs (llguidance releases the GIL).
-        masks = self._mask_pool.submit(self._allowed_mask, sample_seqs) if sample_seqs and any(
-            s.grammar is not None and s.grammar.active for s in sample_seqs) else None
+        masks = self._mask_pool.submit(self._allowed_mask, sample_seqs) if any(
+            s.constrained for s in sample_seqs) else None
         logits = self.model.forward(input_ids, positions, self.kv_caches, meta,
                                     torch.tensor(rows, dtype=torch.long, device=dev))
         for seq, n in zip(batch.seqs, batch.num_tokens):
@@ -121,7 +121,7 @@ class ModelRunner:
         if masks is not None:
             sampling.allowed_mask = masks.result()
             for s in sample_seqs:
-                if s.grammar is not None and s.grammar.active:
+                if s.constrained:
                     try:
                         s.grammar.check()
                     except Exception as e:  # noqa: BLE001 - this request's grammar; its token is dropped
@@ -202,7 +202,7 @@ class ModelRunner:
 
     def _allowed_mask(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """The grammar rows' allowed tokens (all bits set for rows without a grammar), or None."""
-        rows = [(s.grammar, i) for i, s in enumerate(seqs) if s.grammar is not None and s.grammar.active]
+        rows = [(s.grammar, i) for i, s in enumerate(seqs) if s.constrained]
         if not rows:
             return None
         start = time.perf_counter()

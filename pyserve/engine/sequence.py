@@ -66,5 +66,10 @@ class Sequence:
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
+    def constrained(self) -> bool:
+        """A grammar masks this sequence's next token."""
+        return self.grammar is not None and self.grammar.active
+
+    @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

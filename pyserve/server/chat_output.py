@@ -13,10 +13,9 @@ from pyserve.server.tool_schemas import ToolRequest
 class ChatOutput:
     """Per request: the parsers that apply and where the output starts (inside the thinking or not)."""
 
-    def __init__(self, reasoning: ReasoningParser | None, prompt_text: str, tools: ToolRequest | None,
-                 tool_call_parser: str | None):
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolRequest | None, tool_call_parser: str | None):
         self.reasoning = reasoning
-        self.prompt_text = prompt_text
+        self.prompt_text = ""  # the rendered prompt, once known
         self.tools = tools
         self.tool_parser = tools.output_parser(tool_call_parser) if tools is not None else None
 
@@ -33,12 +32,12 @@ class ChatOutput:
         message["content"] = content if (self.reasoning or self.tool_parser) else text
         if calls:
             message["tool_calls"] = [c.to_dict() for c in calls]
-        return message, self._finish_reason(engine_reason, bool(calls))
+        return message, self.finish_reason(engine_reason, bool(calls))
 
     def streamer(self) -> "ChoiceStreamer":
         return ChoiceStreamer(self)
 
-    def _finish_reason(self, engine_reason: str | None, tools_called: bool) -> str | None:
+    def finish_reason(self, engine_reason: str | None, tools_called: bool) -> str | None:
         if self.tools is None:
             return engine_reason
         return self.tools.finish_reason(engine_reason, tools_called)
@@ -76,4 +75,4 @@ class ChoiceStreamer:
     def finish_reason(self, engine_reason: str | None) -> str | None:
         if engine_reason is None:
             return None
-        return self.shape._finish_reason(engine_reason, self.tools is not None and self.tools.tools_called)
+        return self.shape.finish_reason(engine_reason, self.tools is not None and self.tools.tools_called)

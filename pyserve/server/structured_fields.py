@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from pyserve.server.errors import APIError
 from pyserve.structured.spec import GrammarError, GrammarSpec
 
@@ -19,18 +17,6 @@ _STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice"
 _STRUCTURED_HARMLESS = ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
                         "whitespace_pattern", "backend", "structural_tag", "_backend", "_backend_was_auto")
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-
-
-def _schema(value: Any, param: str) -> dict | bool:
-    """A JSON schema given as an object (or a JSON string of one, as vLLM accepts)."""
-    if isinstance(value, str):
-        try:
-            value = orjson.loads(value)
-        except orjson.JSONDecodeError as e:
-            raise APIError(400, f"{param} is not valid JSON: {e}", param=param) from None
-    if not isinstance(value, (dict, bool)):
-        raise APIError(400, f"{param} must be a JSON schema object, got {type(value).__name__}", param=param)
-    return value
 
 
 def _response_format(rf: Any) -> GrammarSpec | None:
@@ -56,7 +42,7 @@ def _response_format(rf: Any) -> GrammarSpec | None:
         schema = js.get("schema")
         if schema is None:  # OpenAI allows it absent: any JSON object
             return GrammarSpec.json_object(param)
-        return GrammarSpec.json_schema(_schema(schema, "response_format.json_schema.schema"), param)
+        return GrammarSpec.json_schema(schema, param)
     raise APIError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
                    param=param)
 
@@ -84,14 +70,12 @@ def _structured_outputs(so: Any) -> GrammarSpec | None:
 
 def _one(key: str, value: Any, param: str, flexible_whitespace: bool = True) -> GrammarSpec:
     if key == "json":
-        return GrammarSpec.json_schema(_schema(value, param), param, flexible_whitespace)
+        return GrammarSpec.json_schema(value, param, flexible_whitespace)
     if key == "json_object":
         if value is not True:
             raise APIError(400, f"{param} must be true", param=param)
         return GrammarSpec.json_object(param, flexible_whitespace)
     if key == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
-            raise APIError(400, f"{param} must be a non-empty list of strings", param=param)
         return GrammarSpec.choice(value, param)
     if not isinstance(value, str) or not value:
         raise APIError(400, f"{param} must be a non-empty string", param=param)

@@ -69,9 +69,9 @@ def register(app, state, api) -> None:
         state.check_live()
         req = protocol.parse_chat(protocol.json_body(request))
         model = state.check_model(req.model)
-        output = ChatOutput(state.reasoning, "", req.tools, auto_tool_parser)
+        output = ChatOutput(state.reasoning, req.tools, auto_tool_parser)  # 400 for "auto" without a parser
         prompt_text, ids = await chat_prompt(state, req)
-        output.prompt_text = prompt_text
+        output.prompt_text = prompt_text  # where the output starts (inside the thinking or not)
         head = ResponseHead(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", int(time.time()), model)
         gen = await Generation.start(state, head.id, [ids], _constrained(state, req, ids), "messages")
         shape = _Choices(state, req, output)
