@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
            "and need a float32 model unless equal to --dtype")
     a("--gpu-memory-utilization", type=_fraction, default=0.9,
       help="fraction of GPU memory for weights, activations and KV cache (CUDA)")
+    a("--tensor-parallel-size", "-tp", type=_positive_int, default=1,
+      help="split the model over this many ranks (torch.distributed; shared memory between the ranks "
+           "pyserve starts on this host). Started by torchrun, pyserve runs as the rank torchrun says "
+           "(README, Scaling out)")
+    a("--distributed-timeout", type=_positive_float, default=15.0,
+      help="seconds a tensor-parallel rank may wait for the others within a step before the group counts "
+           "as failed (a rank hung): the server then answers 503 and exits")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
       help="reuse the KV cache of shared prompt prefixes")
     a("--seed", type=int, default=0, help="seed for requests that give none")
@@ -206,7 +213,8 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> argparse.Na
         args.chat_template_text = None
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
-    why = _port_free(args.host, args.port)
+    args.follower_rank = _follower_rank(args, environ)
+    why = None if args.follower_rank else _port_free(args.host, args.port)
     if why:
         parser.error(why)
     # Last: these import torch (~2 s), which the checks above should not wait for.
@@ -226,6 +234,14 @@ def parse_args(argv: list[str] | None = None, environ=os.environ) -> argparse.Na
     return args
 
 
+def _follower_rank(args, environ) -> int:
+    """Under torchrun (RANK / WORLD_SIZE set) with --tensor-parallel-size > 1: this process's rank, where
+    a rank > 0 serves no HTTP but runs its shard of the model; 0 otherwise."""
+    if args.tensor_parallel_size == 1 or "WORLD_SIZE" not in environ:
+        return 0
+    return int(environ.get("RANK", "0"))
+
+
 def _resolve_device(device: str) -> str:
     """--device auto: CUDA when torch sees a GPU, as vLLM does, else the CPU (a GPU machine used to serve
     on the CPU unless told otherwise)."""
@@ -241,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.follower_rank:
+        from pyserve.distributed.worker import run_rank  # noqa: PLC0415
+        from pyserve.server.startup import engine_config  # noqa: PLC0415
+
+        return run_rank(args.model, engine_config(args))
     from pyserve.server.app import serve  # noqa: PLC0415  (sanic only once the arguments are good)
 
     return serve(args, t_start=t0)

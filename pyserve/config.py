@@ -258,11 +258,15 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None  # tests: an exact block count on any device
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Ranks the model is split over (distributed/): pyserve starts them on this host, or torchrun does.
+    tensor_parallel_size: int = 1
+    # Seconds a rank may wait for the others inside a step before the group counts as failed (a rank hung).
+    distributed_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.quantization not in (None, "none", "q8_0", "q4_0"):
@@ -272,6 +276,8 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         self._check_kv_cache_dtype()
+        if not self.distributed_timeout > 0:
+            raise ValueError(f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
         if not self.kv_cache_memory > 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if not 0 < self.gpu_memory_utilization <= 1:

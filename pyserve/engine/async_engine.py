@@ -67,6 +67,11 @@ class AsyncLLMEngine:
             finally:
                 built.set()
             self._loop()
+            # Stopped or dead: the other tensor-parallel ranks go too (from this thread, which started them).
+            try:
+                self.engine.close(graceful=self.dead is None)
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the tensor-parallel ranks failed")
 
         self._thread = threading.Thread(target=run, name="pyserve-engine", daemon=True)
         self._thread.start()
@@ -95,6 +100,10 @@ class AsyncLLMEngine:
     @property
     def block_size(self) -> int:
         return self.engine.config.block_size
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.engine.config.tensor_parallel_size
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -212,6 +221,7 @@ class AsyncLLMEngine:
                 self._drain_inbox(block=not self.engine.has_unfinished())
                 if not self.engine.has_unfinished():
                     self._stats = self.engine.stats()
+                    self.engine.idle()  # a lost tensor-parallel rank kills the engine even while idle
                     continue
                 outputs = self.engine.step()
                 self._stats = self.engine.stats()

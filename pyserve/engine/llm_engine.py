@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ class EngineStats:
     prompt_tokens: int  # computed (not served from the cache)
     generation_tokens: int
     grammar_mask_seconds: float = 0.0  # spent filling structured-output token masks
+    num_steps: int = 0  # model steps run
+    collective_seconds: float = 0.0  # rank 0's time in tensor-parallel collectives (all-reduce, gather)
 
 
 def _guard(failed: dict[str, BaseException], request_id: str, fn, *args) -> bool:
@@ -106,10 +109,11 @@ def load_tokenizer_for(path: str | Path | None, eos_token_ids: tuple[int, ...]):
 
 
 def kv_block_bytes(model: LlamaModel, block_size: int, kv_cache_dtype: torch.dtype | None = None) -> int:
-    """Bytes of one block across all layers, K and V, in the cache's dtype (default: the model's)."""
+    """Bytes of one block across all layers, K and V, in the cache's dtype (default: the model's), on
+    this rank (its KV heads)."""
     cfg = model.cfg
     itemsize = (kv_cache_dtype or model.dtype).itemsize
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+    return 2 * cfg.num_layers * block_size * model.num_kv_heads * cfg.head_dim * itemsize
 
 
 class LLMEngine:
@@ -119,10 +123,27 @@ class LLMEngine:
         e.g. to time it; the server's startup passes its phase timer."""
         self.config = config = config or EngineConfig()
         phase = phase or (lambda name: nullcontext())
+        self.tp = self.local_ranks = None  # tensor parallelism: the group, and the ranks started here
         with phase("weights"):
             # Rotary tables (and Phi-3's choice of long or short rope factors) for the context we serve.
-            self.model = load_model(model, device=config.device, dtype=config.dtype,
-                                    max_positions=config.max_model_len, quantization=config.quantization)
+            self.model = self._load(model, config)
+        try:
+            self._build_rest(config, phase, model)
+        except BaseException:
+            self.close()  # the other tensor-parallel ranks, if any
+            raise
+        self.requests: dict[str, _Request] = {}
+        self._grammar_backend = None  # built by the first request with structured outputs
+        self._grammar_lock = threading.Lock()
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self._arrivals = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.num_steps = 0
+
+    def _build_rest(self, config: EngineConfig, phase, model) -> None:
+        """Everything after the weights: tokenizer, KV cache, scheduler, runner."""
         cfg = self.model.cfg
         with phase("tokenizer"):
             self.tokenizer = load_tokenizer_for(model, cfg.eos_token_ids)
@@ -143,14 +164,59 @@ class LLMEngine:
                  "%d tokens: %.1f", self.num_blocks, config.block_size, capacity,
                  str(self.kv_cache_dtype).removeprefix("torch."), config.kv_cache_dtype, self.max_model_len,
                  capacity / self.max_model_len)
-        self.requests: dict[str, _Request] = {}
-        self._grammar_backend = None  # built by the first request with structured outputs
-        self._grammar_lock = threading.Lock()
-        self._rng = random.Random(config.seed)
-        self._next_seq_id = 0
-        self._arrivals = 0
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
+
+    def _load(self, model: str | Path | None, config: EngineConfig):
+        """This process's model: the whole of it, or rank 0's shard behind a ShardedModel once every rank
+        has loaded its own (the phase then lasts as long as the slowest rank's)."""
+        if config.tensor_parallel_size == 1:
+            return load_model(model, device=config.device, dtype=config.dtype, max_positions=config.max_model_len,
+                              quantization=config.quantization)
+        from pyserve.distributed.executor import ShardedModel
+        from pyserve.distributed.launch import start_rank0
+        from pyserve.distributed.state import using
+
+        self.tp, self.local_ranks = start_rank0(model, config)
+        try:
+            t = time.perf_counter()
+            with using(self.tp):
+                shard = load_model(model, device=self.tp.device, dtype=config.dtype,
+                                   max_positions=config.max_model_len, quantization=config.quantization)
+            self.rank0_report = {"weights": time.perf_counter() - t}
+            self.tp.barrier()
+        except BaseException:
+            self.close()
+            raise
+        return ShardedModel(shard, self.tp)
+
+    def rank_reports(self) -> list[dict] | None:
+        """Under tensor parallelism, each rank's startup seconds by phase (rank order); else None."""
+        if self.tp is None:
+            return None
+        return self.model.rank_reports({**self.rank0_report, **self.model.phase_seconds})
+
+    def idle(self) -> None:
+        """Called while no request runs: raises if the tensor-parallel group has lost a rank (one this
+        process started, or one whose connection has closed)."""
+        if self.local_ranks is not None:
+            self.local_ranks.check()
+        if self.tp is not None and self.tp.transport != "shm":
+            self.model.ping()
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the other tensor-parallel ranks: told to (graceful), or killed where this process started
+        them (a failed group). Nothing to do without tensor parallelism."""
+        if self.tp is None:
+            return
+        model = getattr(self, "model", None)
+        if graceful and model is not None and (self.local_ranks is None or self.local_ranks.failure is None):
+            try:
+                model.stop()
+            except Exception:  # noqa: BLE001 - a group already broken: the ranks are killed below
+                graceful = False
+        if self.local_ranks is not None:
+            self.local_ranks.stop() if graceful else self.local_ranks.kill()
+        self.tp.close()
+        self.tp = None
 
     def _num_blocks(self) -> int:
         c = self.config
@@ -299,6 +365,7 @@ class LLMEngine:
             prompt_part = max(0, min(seq.num_computed + n, len(seq.prompt_ids)) - seq.num_computed)
             self.prompt_tokens += prompt_part
         result: StepResult = self.runner.execute(batch)  # raises only for the step as a whole
+        self.num_steps += 1
         failed: dict[str, BaseException] = {seq.request_id: e for seq, e in result.failed}
         touched: dict[str, _Request] = {}
         for seq in batch.seqs:
@@ -405,4 +472,6 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             grammar_mask_seconds=self.runner.grammar_mask_seconds,
+            num_steps=self.num_steps,
+            collective_seconds=self.tp.collective_seconds if self.tp is not None else 0.0,
         )

@@ -62,9 +62,7 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepResult:
         result = StepResult()
         if batch.copies:
-            mapping = torch.tensor(batch.copies, dtype=torch.int64, device=self.device)
-            for key_cache, value_cache in self.kv_caches:
-                _ops.copy_blocks(key_cache, value_cache, mapping)
+            self.model.copy_blocks(self.kv_caches, torch.tensor(batch.copies, dtype=torch.int64, device=self.device))
 
         ids: list[int] = []
         qsl = [0]

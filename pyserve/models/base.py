@@ -10,8 +10,11 @@ import re
 
 import torch
 
+from pyserve import _ops
 from pyserve.config import ModelConfig
+from pyserve.distributed.state import tensor_parallel
 from pyserve.models.layers.linear import LinearLayer
+from pyserve.models.layers.parallel import split_attention
 from pyserve.models.layers.weight import Weight
 from pyserve.models.prefault import populate_in_background
 
@@ -24,6 +27,8 @@ class CausalLM:
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
         self.cfg, self.device, self.dtype = cfg, device, dtype
+        # KV heads this rank's cache holds (all of them without tensor parallelism).
+        self.num_kv_heads = split_attention(cfg, tensor_parallel()).num_kv_heads
 
     def named_modules(self) -> dict[str, object]:
         """Checkpoint prefix -> module (anything with `weights()`)."""
@@ -58,10 +63,11 @@ class CausalLM:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
                           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim], zeroed,
-        in `dtype` (--kv-cache-dtype, engine/kv_cache_dtype.py; default: the model's dtype)."""
+        """Per layer (key_cache, value_cache), each [num_blocks, block_size, num_kv_heads, head_dim] (this
+        rank's KV heads), zeroed, in `dtype` (--kv-cache-dtype, engine/kv_cache_dtype.py; default: the
+        model's dtype)."""
         dtype = dtype or self.dtype
-        shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        shape = (num_blocks, block_size, self.num_kv_heads, self.cfg.head_dim)
         layers = self.cfg.num_layers
         if self.device.type == "cpu":
             # An anonymous mapping is zero-filled by the kernel a page at a time, on first touch, so a
@@ -76,3 +82,8 @@ class CausalLM:
         else:
             caches = torch.zeros((2 * layers, *shape), device=self.device, dtype=dtype)
         return [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]
+
+    def copy_blocks(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], mapping: torch.Tensor) -> None:
+        """Copy-on-write of shared prefix blocks: mapping [pairs, 2] int64 (source, destination)."""
+        for key_cache, value_cache in kv_caches:
+            _ops.copy_blocks(key_cache, value_cache, mapping)

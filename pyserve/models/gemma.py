@@ -17,9 +17,8 @@ import math
 import torch
 
 from pyserve.config import ModelConfig
-from pyserve.models.layers.activation import ACTIVATIONS, gated_mlp
-from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
-from pyserve.models.layers.linear import LinearLayer
+from pyserve.models.layers.activation import gated_mlp
+from pyserve.models.layers.attention import AttentionMetadata
 from pyserve.models.layers.norm import RMSNorm
 from pyserve.models.layers.rotary import RotaryEmbedding
 from pyserve.models.llama import LlamaDecoderLayer, LlamaModel
@@ -33,26 +32,14 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype, device: torch.device):
         self.cfg = cfg
         self.window = cfg.layer_window(index)
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         like = dict(dtype=dtype, device=device)
         norm = dict(like, weight_offset=GEMMA_NORM)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
-        self.qkv_proj = LinearLayer(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
-                                    output_shards={"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, **like)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **norm) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **norm) if cfg.qk_norm else None
-        self.o_proj = LinearLayer(self.q_size, cfg.hidden_size, **like)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                   cfg.attention_scale or cfg.head_dim ** -0.5, sliding_window=self.window,
-                                   logits_soft_cap=cfg.attn_logit_softcap)
-        self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size,
-                                        output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
-                                        **like)
-        self.act_and_mul = ACTIVATIONS[cfg.hidden_act]
-        self.down_proj = LinearLayer(cfg.intermediate_size, cfg.hidden_size, **like)
+        self.init_attention(cfg, like, norm, o_bias=False, window=self.window)
+        self.init_mlp(cfg, like, bias=False)
 
     def named_modules(self, prefix: str) -> dict[str, object]:
         modules = {"input_layernorm": self.input_layernorm, "post_attention_layernorm": self.post_attention_layernorm,

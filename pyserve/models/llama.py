@@ -14,35 +14,51 @@ import re
 import torch
 
 from pyserve.config import ModelConfig
+from pyserve.distributed.state import tensor_parallel
 from pyserve.models.base import CausalLM
 from pyserve.models.layers.activation import ACTIVATIONS, gated_mlp
 from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
 from pyserve.models.layers.embedding import LMHead, VocabEmbedding
 from pyserve.models.layers.linear import LinearLayer
 from pyserve.models.layers.norm import RMSNorm
+from pyserve.models.layers.parallel import split_attention
 from pyserve.models.layers.rotary import RotaryEmbedding
 
 
 class LlamaDecoderLayer:
     def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype, device: torch.device):
         self.cfg = cfg
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         like = dict(dtype=dtype, device=device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **like)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **like)
-        self.qkv_proj = LinearLayer(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias,
-                                    output_shards={"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, **like)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **like) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **like) if cfg.qk_norm else None
-        self.o_proj = LinearLayer(self.q_size, cfg.hidden_size, bias=cfg.o_bias, **like)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                   cfg.attention_scale or cfg.head_dim ** -0.5, sliding_window=cfg.layer_window(index),
+        self.init_attention(cfg, like, like, o_bias=cfg.o_bias, window=cfg.layer_window(index))
+        self.init_mlp(cfg, like, bias=cfg.mlp_bias)
+
+    def init_attention(self, cfg: ModelConfig, like: dict, norm_like: dict, *, o_bias: bool,
+                       window: int | None) -> None:
+        """Fused q/k/v (column-parallel: this rank's heads), the per-head q/k norms where the model has
+        them, paged attention over this rank's heads, o_proj (row-parallel)."""
+        split = split_attention(cfg, tensor_parallel())
+        self.num_heads, self.num_kv_heads = split.num_heads, split.num_kv_heads
+        self.q_size, self.kv_size = split.num_heads * cfg.head_dim, split.num_kv_heads * cfg.head_dim
+        q_full, kv_full = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = LinearLayer(cfg.hidden_size, q_full + 2 * kv_full, bias=cfg.qkv_bias,
+                                    output_shards={"q": q_full, "k": kv_full, "v": kv_full}, parallel="column",
+                                    shard_ranges={"q": split.q_rows, "k": split.kv_rows, "v": split.kv_rows}, **like)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **norm_like) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, **norm_like) if cfg.qk_norm else None
+        self.o_proj = LinearLayer(q_full, cfg.hidden_size, bias=o_bias, parallel="row", **like)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, cfg.head_dim,
+                                   cfg.attention_scale or cfg.head_dim ** -0.5, sliding_window=window,
                                    logits_soft_cap=cfg.attn_logit_softcap)
-        self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias,
-                                        output_shards={"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
-                                        **like)
+
+    def init_mlp(self, cfg: ModelConfig, like: dict, *, bias: bool) -> None:
+        """gate/up fused (column-parallel), down (row-parallel)."""
+        size = cfg.intermediate_size
+        self.gate_up_proj = LinearLayer(cfg.hidden_size, 2 * size, bias=bias,
+                                        output_shards={"gate": size, "up": size}, parallel="column", **like)
         self.act_and_mul = ACTIVATIONS[cfg.hidden_act]
-        self.down_proj = LinearLayer(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, **like)
+        self.down_proj = LinearLayer(size, cfg.hidden_size, bias=bias, parallel="row", **like)
 
     def named_modules(self, prefix: str) -> dict[str, object]:
         modules = {"input_layernorm": self.input_layernorm, "post_attention_layernorm": self.post_attention_layernorm,
@@ -68,12 +84,12 @@ class LlamaDecoderLayer:
                        kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """x [tokens, hidden] (normalised) -> the attention block's output [tokens, hidden]: fused q/k/v,
         the per-head q/k norms where the model has them, rotary, paged attention, o_proj."""
-        cfg = self.cfg
+        d = self.cfg.head_dim
         qkv = self.qkv_proj(x)
         n = qkv.shape[0]
-        q = qkv[:, : self.q_size].view(n, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
+        q = qkv[:, : self.q_size].view(n, self.num_heads, d)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, d)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, d)
         if self.q_norm is not None:
             self.q_norm.inplace(q)
             self.k_norm.inplace(k)
@@ -124,7 +140,8 @@ class LlamaModel(CausalLM):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [num_tokens]; logits_indices: [num_outputs]
-        rows whose next-token logits are wanted. Returns [num_outputs, vocab] fp32."""
+        rows whose next-token logits are wanted. Returns [num_outputs, vocab] fp32 (under tensor
+        parallelism on rank 0; None on the other ranks)."""
         h = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             h = h * self.embed_scale
@@ -133,6 +150,9 @@ class LlamaModel(CausalLM):
             h, residual = layer(h, residual, positions, self.layer_rotary, kv_cache, meta)
         # Only the rows that need logits pay for the final norm and the vocab matmul.
         h = self.norm((h + residual)[logits_indices])
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h)
+        if logits is None:  # a tensor-parallel rank other than 0: rank 0 has the logits
+            return None
+        logits = logits.float()
         cap = self.cfg.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from pyserve.config import ModelConfig
+from pyserve.config import ModelConfig, UnsupportedModelError
+from pyserve.distributed.state import tensor_parallel
 from pyserve.models.layers.activation import ACTIVATIONS, gated_mlp
 from pyserve.models.layers.attention import AttentionMetadata, PagedAttention
 from pyserve.models.layers.linear import LinearLayer
@@ -16,6 +17,9 @@ from pyserve.models.llama import LlamaModel
 
 class Olmo2DecoderLayer:
     def __init__(self, cfg: ModelConfig, index: int, dtype: torch.dtype, device: torch.device):
+        if tensor_parallel().size > 1:
+            raise UnsupportedModelError("OLMo 2 does not run under --tensor-parallel-size > 1 yet: its q/k norms "
+                                        "span every head, which would take an all-gather per layer")
         self.cfg = cfg
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         like = dict(dtype=dtype, device=device)

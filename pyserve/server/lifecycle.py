@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 
 from pyserve.server.startup import StartupError, build_engine, process_age, warm_up
@@ -18,6 +19,8 @@ log = logging.getLogger("pyserve.server")
 
 # After --shutdown-timeout, how long aborted requests get to send their last chunk.
 ABORT_GRACE_SECONDS = 5.0
+# After a tensor-parallel group fails, how long the server stays up answering 503 before it exits.
+GROUP_FAILURE_GRACE = 3.0
 
 
 def start_engine(state) -> None:
@@ -30,10 +33,13 @@ def start_engine(state) -> None:
 
     built_at = []
 
+    reports = []
+
     def build():  # on the engine's own thread (see async_engine.py for why)
         engine = build_engine(state.args, ph)
         with ph.phase("warmup"):
             warm_up(engine)
+            reports.extend(engine.rank_reports() or ())  # every rank has warmed up when this returns
         ph.current = "engine"
         built_at.append(time.perf_counter())
         return engine
@@ -44,6 +50,12 @@ def start_engine(state) -> None:
     state.metrics.attach(engine, baseline, {"block_size": engine.block_size,
                                             "num_gpu_blocks": engine.kv_cache_tokens // engine.block_size})
     state.metrics.set_startup(ph.seconds)
+    if reports:
+        state.metrics.set_rank_startup(reports)
+        for phase in reports[0]:
+            slowest = max(range(len(reports)), key=lambda r: reports[r].get(phase, 0.0))
+            log.info("startup %s by rank: %s (slowest: rank %d)", phase, ", ".join(
+                f"{r} {rep.get(phase, 0.0):.2f} s" for r, rep in enumerate(reports)), slowest)
     state.engine = engine
     state.ready_seconds = process_age() or (time.time() - state.t_start)
     if engine.kv_cache_tokens < engine.max_model_len:
@@ -78,6 +90,8 @@ def install(app, state) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, _drain, app, state, sig)
+        if state.engine is not None and state.engine.tensor_parallel_size > 1:
+            threading.Thread(target=_exit_when_group_fails, args=(state,), name="pyserve-tp-watch", daemon=True).start()
 
     @app.after_server_stop
     async def _stop(app):  # noqa: ARG001
@@ -110,6 +124,17 @@ def _drain(app, state, sig) -> None:
         app.stop(terminate=False)
 
     app.add_task(wait_then_stop())
+
+
+def _exit_when_group_fails(state) -> None:
+    """Tensor parallelism: a group that lost a rank cannot serve again, so once the engine has died (its
+    ranks already stopped, open streams given the error) the server answers /health 503 for
+    GROUP_FAILURE_GRACE seconds, for clients and probes to see why, and exits 1."""
+    while state.engine.dead is None:
+        time.sleep(0.2)
+    log.error("the tensor-parallel group has failed (%s); exiting in %.0f s", state.engine.dead, GROUP_FAILURE_GRACE)
+    time.sleep(GROUP_FAILURE_GRACE)
+    die(1)
 
 
 def die(code: int) -> None:

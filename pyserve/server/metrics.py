@@ -62,7 +62,10 @@ class _EngineCollector:
                 ("pyserve:prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
                 ("pyserve:prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
                 ("pyserve:structured_output_mask_seconds", "grammar_mask_seconds",
-                 "Seconds spent filling structured-output (grammar) token masks.")):
+                 "Seconds spent filling structured-output (grammar) token masks."),
+                ("pyserve:engine_steps", "num_steps", "Model steps run."),
+                ("pyserve:tensor_parallel_collective_seconds", "collective_seconds",
+                 "Seconds rank 0 spent in tensor-parallel collectives (all-reduce, logits gather).")):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], since(attr))
             yield c
@@ -101,6 +104,9 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.startup_phase = Gauge("pyserve:startup_phase_seconds", "Duration of each startup phase.",
                                    ["phase"], registry=r)
+        self.rank_startup = Gauge("pyserve:startup_rank_phase_seconds",
+                                  "Duration of each startup phase on each tensor-parallel rank.", ["phase", "rank"],
+                                  registry=r)
         self._engine = None
         self._baseline = None
         self._cache_info: dict = {}
@@ -117,6 +123,11 @@ class Metrics:
     def set_startup(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
             self.startup_phase.labels(phase=phase).set(seconds)
+
+    def set_rank_startup(self, reports: list[dict]) -> None:
+        for rank, report in enumerate(reports):
+            for phase, seconds in report.items():
+                self.rank_startup.labels(phase=phase, rank=str(rank)).set(seconds)
 
     def record_request(self, finish_reason: str | None, arrival: float, first_token: float | None,
                        end: float, num_generated: int) -> None:

@@ -49,18 +49,25 @@ class Phases:
         log.info("startup: %s done in %.2f s", name, self.seconds[name])
 
 
-def build_engine(args, phases: Phases):
+def engine_config(args):
+    """The engine's settings from the command line (every rank builds the same)."""
     from pyserve.config import EngineConfig
+
+    return EngineConfig(device=args.device, dtype=args.dtype, quantization=args.quantization,
+                        max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                        kv_cache_dtype=args.kv_cache_dtype,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+                        tensor_parallel_size=args.tensor_parallel_size, distributed_timeout=args.distributed_timeout)
+
+
+def build_engine(args, phases: Phases):
     from pyserve.engine.llm_engine import LLMEngine
 
     with phases.phase("config"):
-        config = EngineConfig(device=args.device, dtype=args.dtype, quantization=args.quantization,
-                              max_model_len=args.max_model_len,
-                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                              block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                              kv_cache_dtype=args.kv_cache_dtype,
-                              gpu_memory_utilization=args.gpu_memory_utilization,
-                              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
+        config = engine_config(args)
     try:
         engine = LLMEngine(args.model, config, phase=phases.phase)
     except StartupError:

@@ -28,6 +28,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from pyserve.config import UnsupportedModelError
+from pyserve.distributed.state import tensor_parallel
 from pyserve.models.layers.activation import ACTIVATIONS
 from pyserve.models.layers.linear import LinearLayer
 from pyserve.models.layers.weight import MissingWeightError
@@ -192,6 +194,8 @@ class SparseMoE:
                  down_name: str = "down_proj", method: ExpertsMethod | None = None):
         if not 0 < top_k <= num_experts:
             raise ValueError(f"{top_k} experts per token out of {num_experts}")
+        if tensor_parallel().size > 1:
+            raise UnsupportedModelError("mixture-of-experts models do not run under --tensor-parallel-size > 1 yet")
         self.top_k, self.renormalize = top_k, renormalize
         self.gate = LinearLayer(hidden_size, num_experts, dtype=dtype, device=device)  # the router
         self.experts = Experts(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device, act=act,

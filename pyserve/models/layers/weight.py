@@ -15,9 +15,12 @@ class MissingWeightError(ModelLoadError):
 
 class Weight:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 shards: dict[str, int] | None = None):
-        """shards: name -> rows, in order (they must add up to shape[0]); None: filled whole."""
+                 shards: dict[str, int] | None = None, partition=None):
+        """shards: name -> rows, in order (they must add up to shape[0]); None: filled whole.
+        partition: which slice of each checkpoint tensor this tensor-parallel rank keeps (layers/parallel.py);
+        shape and shards are then this rank's."""
         self.shape = tuple(shape)
+        self.partition = partition
         self.dtype = dtype
         self.device = device
         self.data: torch.Tensor | None = None
@@ -45,10 +48,14 @@ class Weight:
             raise MissingWeightError(f"weight {name!r}: no shard {shard!r} here (shards: {list(self.shards)})")
         start, rows = self.shards[shard]
         want = (rows, *self.shape[1:])
+        if self.partition is not None:
+            want = self.partition.checkpoint_shape(want, shard)
         if tuple(tensor.shape) != want:
             raise MissingWeightError(f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {want}")
         if shard in self.loaded:
             raise MissingWeightError(f"weight {name!r} appears twice in the checkpoint")
+        if self.partition is not None:
+            tensor = self.partition.select(tensor, shard)
         self.loaded.add(shard)
         if isinstance(tensor, QuantizedTensor):
             self.quantized[shard] = tensor
