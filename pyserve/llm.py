@@ -16,9 +16,21 @@ from pyserve.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str | Path | None = None, **engine_args):
         """model: an HF folder, a .gguf file, or None for the embedded default
-        model. engine_args: fields of EngineConfig (device, dtype, max_model_len, ...)."""
+        model. engine_args: fields of EngineConfig (device, dtype, max_model_len, tensor_parallel_size, ...).
+        With tensor_parallel_size > 1 the other ranks run as child processes until `close()` (or the end
+        of a `with` block, or of this process)."""
         self.engine = LLMEngine(model, EngineConfig(**engine_args))
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

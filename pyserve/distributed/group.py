@@ -28,7 +28,8 @@ SHM_FD = "PYSERVE_TP_SHM_FD"  # set by pyserve's launcher: the shared buffer's f
 
 class TensorParallelGroup:
     def __init__(self, rank: int, size: int, device: torch.device, timeout: float, shm_fd: int | None = None,
-                 startup_timeout: float = 1800.0):
+                 startup_timeout: float = 1800.0, init_method: str | None = None):
+        """init_method: where rank 0's store listens (tcp://host:port); None reads MASTER_ADDR/MASTER_PORT."""
         self.rank, self.size, self.device, self.timeout = rank, size, device, timeout
         self.collective_seconds = 0.0
         self.collective_calls = 0
@@ -41,7 +42,7 @@ class TensorParallelGroup:
         # The default group (and its rendezvous) waits for ranks still loading: a long timeout. Collectives
         # on `compute` fail after `timeout`: a rank stuck mid-step.
         if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=rank, world_size=size,
+            dist.init_process_group("gloo", rank=rank, world_size=size, init_method=init_method or "env://",
                                     timeout=datetime.timedelta(seconds=startup_timeout))
         self._dist = dist
         self.control = dist.group.WORLD

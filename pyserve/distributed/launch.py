@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from pyserve.distributed.group import SHM_FD, TensorParallelGroup, rank_from_env, shm_fd_from_env
+from pyserve.distributed.group import SHM_FD, TensorParallelGroup, rank_from_env
 from pyserve.distributed.shm import PeerFailure, create_memfd
 
 log = logging.getLogger("pyserve.distributed")
@@ -86,9 +86,7 @@ class LocalRanks:
                 [sys.executable, "-m", "pyserve.distributed.worker"], env=env,
                 pass_fds=() if self.shm_fd is None else (self.shm_fd,), start_new_session=True,
                 preexec_fn=_die_with_parent))
-        os.environ.update({**base, "RANK": "0", "LOCAL_RANK": "0"})
-        if self.shm_fd is not None:
-            os.environ[SHM_FD] = str(self.shm_fd)
+        self.init_method = f"tcp://127.0.0.1:{port}"
         self._watch = threading.Thread(target=self._supervise, name="pyserve-tp-supervisor", daemon=True)
         self._watch.start()
 
@@ -161,7 +159,8 @@ def start_rank0(model, config) -> tuple[TensorParallelGroup, LocalRanks | None]:
     torch.set_num_threads(threads_per_rank(local))
     try:
         group = TensorParallelGroup(0, size, rank_device(config.device), config.distributed_timeout,
-                                    shm_fd_from_env() if ranks is not None else None)
+                                    ranks.shm_fd if ranks is not None else None,
+                                    init_method=ranks.init_method if ranks is not None else None)
     except BaseException:
         if ranks is not None:
             ranks.kill()

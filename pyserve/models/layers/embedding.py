@@ -76,7 +76,10 @@ class LMHead(LinearLayer):
         if logits.shape[1] < self.rows_per_rank:  # the last rank's range is short: pad to gather
             logits = F.pad(logits, (0, self.rows_per_rank - logits.shape[1]))
         parts = self.tp.gather_to_first(logits)
-        return None if parts is None else torch.cat(parts, dim=1)[:, : self.vocab_size]
+        if parts is None:
+            return None
+        logits = torch.cat(parts, dim=1)
+        return logits if logits.shape[1] == self.vocab_size else logits[:, : self.vocab_size].contiguous()
 
     def weights(self) -> dict[str, Weight]:
         return {} if self.tied_to is not None else super().weights()

@@ -17,6 +17,14 @@ per projection for all experts at once (GGUF's stacked `ffn_gate_exps`, [E, I, H
 runs: the default is one oneDNN pre-laid-out matmul per expert and projection (models/linear.py);
 quantized experts are further methods.
 
+Tensor parallelism (vLLM's "TP experts", not expert parallelism): every rank holds every expert, and
+of each its share of the intermediate dimension I: rows [r*I/N, (r+1)*I/N) of gate and of up
+(column-parallel, per expert) and the matching input columns of down (row-parallel). The router stays
+whole on every rank, so every rank routes alike; each runs its partial experts for the routed tokens,
+weights and sums them per token, and one all-reduce at the end of the block sums the ranks' partial
+outputs. The checkpoint's tensors are checked against their full shapes and each rank keeps its slice
+(a Partition, layers/parallel.py, as Weight does).
+
 Batch invariance: routing is row by row, an expert's matmul gives a row the same result whatever
 other rows share the call (oneDNN; see models/linear.py), and a token sums its k expert outputs in
 its own top-k order; so a token's output does not depend on the rest of the batch.
@@ -32,18 +40,22 @@ from pyserve.config import UnsupportedModelError
 from pyserve.distributed.state import tensor_parallel
 from pyserve.models.layers.activation import ACTIVATIONS
 from pyserve.models.layers.linear import LinearLayer
+from pyserve.models.layers.parallel import Partition
 from pyserve.models.layers.weight import MissingWeightError
 from pyserve.models.linear import Linear as PackedMatmul
 
 
 class StackedWeight:
     """A [num_experts, rows, cols] weight whose rows may be named shards (gate/up), filled per
-    expert (`expert(e).load`) or for every expert at once (`load`, a [num_experts, ...] tensor)."""
+    expert (`expert(e).load`) or for every expert at once (`load`, a [num_experts, ...] tensor).
+    partition: which slice of each expert's checkpoint matrix this tensor-parallel rank keeps (rows of
+    each shard, or columns: layers/parallel.py); rows, cols and shards are then this rank's."""
 
     def __init__(self, num_experts: int, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-                 shards: dict[str, int] | None = None):
+                 shards: dict[str, int] | None = None, partition: Partition | None = None):
         self.shape = (num_experts, rows, cols)
         self.dtype, self.device = dtype, device
+        self.partition = partition
         self.data: torch.Tensor | None = None
         # Row ranges by shard name; None is every row (a fused [gate | up] tensor fills both shards).
         self.shards: dict[str | None, tuple[int, int]] = {None: (0, rows)}
@@ -74,12 +86,21 @@ class StackedWeight:
             raise MissingWeightError(f"weight {name!r}: no shard {shard!r} here (shards: {self.parts})")
         start, rows = self.shards[shard]
         experts = range(self.shape[0]) if expert is None else (expert,)
-        want = (rows, self.shape[2]) if expert is not None else (self.shape[0], rows, self.shape[2])
+        want = (rows, self.shape[2])  # one expert's matrix
+        if self.partition is not None:  # the checkpoint's is whole
+            want = self.partition.checkpoint_shape(want, shard)
+        if expert is None:
+            want = (self.shape[0], *want)
         if tuple(tensor.shape) != want:
             raise MissingWeightError(f"weight {name!r} has shape {tuple(tensor.shape)}, the config implies {want}")
         filled = [(e, s) for e in experts for s in (self.parts if shard is None else [shard])]
         if any(pair in self.loaded for pair in filled):
             raise MissingWeightError(f"weight {name!r} appears twice in the checkpoint")
+        if self.partition is not None:
+            if expert is None:  # [E, rows, cols] seen as [rows, E, cols]: the partition's rows, then columns
+                tensor = self.partition.select(tensor.transpose(0, 1), shard).transpose(0, 1)
+            else:
+                tensor = self.partition.select(tensor, shard)
         tensor = tensor.to(device=self.device, dtype=self.dtype)
         if expert is None and shard is None:  # the whole stack (nothing else can be loaded): adopt it
             self.data = tensor.contiguous()
@@ -140,11 +161,27 @@ class Experts:
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype,
                  device: torch.device, act: str = "silu", down_name: str = "down_proj",
                  method: ExpertsMethod | None = None):
+        """intermediate_size: the checkpoint's (moe_intermediate_size); under tensor parallelism each rank
+        holds an equal share of it (`self.intermediate_size`), and its output is a partial sum."""
         self.num_experts = num_experts
         self.down_name = down_name
+        tp = tensor_parallel()
+        gate_up_partition = down_partition = None
+        if tp.size > 1:
+            full = intermediate_size
+            if full % tp.size:
+                raise UnsupportedModelError(
+                    f"--tensor-parallel-size {tp.size}: the experts' intermediate size (moe_intermediate_size "
+                    f"{full}) does not split evenly over {tp.size} ranks; use a tensor-parallel size that divides it")
+            intermediate_size = full // tp.size
+            take = (tp.rank * intermediate_size, intermediate_size)
+            gate_up_partition = Partition(0, {"gate": full, "up": full}, {"gate": take, "up": take})
+            down_partition = Partition(1, {None: full}, {None: take})
+        self.intermediate_size = intermediate_size
         self.gate_up = StackedWeight(num_experts, 2 * intermediate_size, hidden_size, dtype, device,
-                                     {"gate": intermediate_size, "up": intermediate_size})
-        self.down = StackedWeight(num_experts, hidden_size, intermediate_size, dtype, device)
+                                     {"gate": intermediate_size, "up": intermediate_size}, gate_up_partition)
+        self.down = StackedWeight(num_experts, hidden_size, intermediate_size, dtype, device,
+                                  partition=down_partition)
         self.method = method or DenseExperts(ACTIVATIONS[act])
         self.state: Any = None
 
@@ -194,12 +231,13 @@ class SparseMoE:
                  down_name: str = "down_proj", method: ExpertsMethod | None = None):
         if not 0 < top_k <= num_experts:
             raise ValueError(f"{top_k} experts per token out of {num_experts}")
-        if tensor_parallel().size > 1:
-            raise UnsupportedModelError("mixture-of-experts models do not run under --tensor-parallel-size > 1 yet")
         self.top_k, self.renormalize = top_k, renormalize
-        self.gate = LinearLayer(hidden_size, num_experts, dtype=dtype, device=device)  # the router
+        # The router, whole on every rank (every rank routes every token alike).
+        self.gate = LinearLayer(hidden_size, num_experts, dtype=dtype, device=device)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device, act=act,
                                down_name=down_name, method=method)
+        tp = tensor_parallel()
+        self.reduce_over = tp if tp.size > 1 else None  # the group the experts' partial outputs sum over
 
     def named_modules(self, prefix: str) -> dict[str, object]:
         return {f"{prefix}.gate": self.gate, f"{prefix}.experts": self.experts}
@@ -214,4 +252,6 @@ class SparseMoE:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        return self.experts(x, ids, weights)
+        out = self.experts(x, ids, weights)
+        # Tensor parallel: each rank's experts gave partial sums (its share of I); one all-reduce for the block.
+        return out if self.reduce_over is None else self.reduce_over.all_reduce(out)
