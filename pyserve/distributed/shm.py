@@ -14,7 +14,7 @@ rank's slot data visible to another core before the counter it stores afterwards
 memory order would need a fence between the two.)
 
 Waiting spins briefly, then yields the core (more ranks than cores: TP=3 on 2 cores), and gives up with
-TimeoutError after `timeout` seconds (a rank that hangs), or at once when a rank sets the shared abort
+PeerFailure after `timeout` seconds (a rank that hangs), or at once when a rank sets the shared abort
 flag (the supervisor saw a rank die).
 """
 
@@ -33,7 +33,9 @@ MESSAGE_BYTES = 16 << 20  # rank 0's step messages (token ids, block tables...)
 _HEADER = 4096  # counters: [0] abort, [1] message seq, [2] message length, [8 + r] rank r's collective
 #                 epoch, [8 + 64 + r] rank r's last message read
 _MAX_RANKS = 64
-_SPINS = 2000
+_SPINS = 200  # checks before the first yield (~0.1 ms)
+_YIELD_SECONDS = 0.005
+_NAP_SECONDS, _IDLE_SECONDS, _IDLE_NAP_SECONDS = 0.0002, 0.1, 0.001
 
 
 class PeerFailure(RuntimeError):
@@ -69,21 +71,28 @@ class ShmCommunicator:
     # ---- waiting ------------------------------------------------------------------------------
 
     def _wait(self, ready, what: str, timeout: float | None) -> None:
-        if ready():
-            return
+        """Until ready(): spin (a partner a few µs behind), then yield the core between checks for the
+        first few ms (more ranks than cores: the partner may need this one), then sleep, 0.2 ms at a
+        time and 1 ms once idle (a rank waiting for rank 0's next request)."""
         for _ in range(_SPINS):
             if ready():
                 return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.0
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        checks = 0
         while not ready():
+            checks += 1
+            now = time.monotonic()
             if self._counters[0]:
                 raise PeerFailure(f"rank {self.rank}: a rank of the tensor-parallel group failed ({what})")
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and now > deadline:
                 raise PeerFailure(f"rank {self.rank}: no answer from the other ranks in {timeout:.0f} s ({what}); "
                                   f"a rank has hung")
-            time.sleep(pause)  # 0 first: gives the core to a rank waiting for it
-            pause = min(0.001, pause + 0.00005)
+            waited = now - start
+            if waited < _YIELD_SECONDS:
+                os.sched_yield()
+            else:
+                time.sleep(_NAP_SECONDS if waited < _IDLE_SECONDS else _IDLE_NAP_SECONDS)
 
     def abort(self) -> None:
         """Make every rank's wait fail (the supervisor saw a rank die)."""
@@ -108,7 +117,11 @@ class ShmCommunicator:
         counters, base, epoch = self._counters, 8, self._epoch
         counters[base + self.rank] = epoch
         others = [base + r for r in range(self.size) if r != self.rank]
-        self._wait(lambda: all(counters[i] >= epoch for i in others), "all-reduce", self.timeout)
+        if len(others) == 1:
+            (other,) = others
+            self._wait(lambda: counters[other] >= epoch, "all-reduce", self.timeout)
+        else:
+            self._wait(lambda: all(counters[i] >= epoch for i in others), "all-reduce", self.timeout)
         return slots[:, :nbytes].view(piece.dtype)
 
     def _all_reduce_piece(self, piece: torch.Tensor) -> None:

@@ -141,6 +141,7 @@ def _watch_health(url: str, until: float) -> list[int]:
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_failed_rank_fails_the_stream_and_the_group(tiny, fault):
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     server = Server("--model", tiny, "--tensor-parallel-size", "2", "--distributed-timeout", "3").wait_ready()
     try:
         (worker,) = children(server.proc.pid)
@@ -157,6 +158,8 @@ def test_a_failed_rank_fails_the_stream_and_the_group(tiny, fault):
         took = wait_gone([server.proc.pid, worker], 30 - (time.monotonic() - t0))
         assert server.proc.wait() == 1
         assert "tensor-parallel" in server.output()
+        if os.path.isdir("/dev/shm"):
+            assert set(os.listdir("/dev/shm")) <= shm_before  # nothing left behind (the ranks share a memfd)
         print(f"{fault}: group gone {time.monotonic() - t0:.1f} s after the fault ({took:.1f} s of waiting)")
     finally:
         for pid in children(server.proc.pid):
