@@ -134,15 +134,13 @@ class ShmCommunicator:
         """Every rank's x (same shape on all) on rank 0, in rank order; None elsewhere."""
         flat = x.contiguous().view(-1)
         per = SLOT_BYTES // x.element_size()
-        parts: list[list[torch.Tensor]] = [[] for _ in range(self.size)]
+        out = torch.empty(self.size, flat.numel(), dtype=x.dtype) if self.rank == 0 else None
         for start in range(0, max(1, flat.numel()), per):
-            views = self._publish(flat[start: start + per])
-            if self.rank == 0:
-                for r in range(self.size):
-                    parts[r].append(views[r].clone())
-        if self.rank != 0:
-            return None
-        return [torch.cat(p).view(x.shape) for p in parts]
+            piece = flat[start: start + per]
+            views = self._publish(piece)
+            if out is not None:
+                out[:, start: start + piece.numel()].copy_(views)
+        return None if out is None else list(out.view(self.size, *x.shape).unbind(0))
 
     # ---- rank 0's messages -------------------------------------------------------------------
 
