@@ -99,5 +99,6 @@ def test_default_model_tp3_quantized_stays_close():
 
 
 def test_head_count_that_does_not_split_is_refused():
-    with pytest.raises(Exception, match=r"--tensor-parallel-size 2: the model's attention heads \(9\)"):
+    with pytest.raises(Exception, match=r"--tensor-parallel-size 2: the model's 9 attention heads \(3 KV heads\) "
+                                        r"do not split evenly over 2 ranks; sizes that do: 1, 3, 9"):
         LLMEngine(None, EngineConfig(tensor_parallel_size=2))

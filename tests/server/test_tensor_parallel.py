@@ -154,6 +154,8 @@ def test_a_failed_rank_fails_the_stream_and_the_group(tiny, fault):
         health = _watch_health(server.url, t0 + 30)
         t.join(30)
         assert isinstance(result.get("error"), openai.APIError), result  # an error event, not a clean end
+        if fault == "kill":  # the stream says why
+            assert "tensor-parallel rank 1" in str(result["error"]) and "SIGKILL" in str(result["error"])
         assert 503 in health, health
         took = wait_gone([server.proc.pid, worker], 30 - (time.monotonic() - t0))
         assert server.proc.wait() == 1

@@ -112,14 +112,24 @@ class AttentionSplit:
     kv_rows: tuple[int, int]  # the same for k_proj and v_proj
 
 
+def tensor_parallel_sizes(cfg: ModelConfig) -> list[int]:
+    """The sizes the model's heads split over: N dividing the query heads, with the KV heads split or
+    replicated evenly."""
+    return [n for n in range(1, cfg.num_heads + 1) if cfg.num_heads % n == 0
+            and (cfg.num_kv_heads % n == 0 or n % cfg.num_kv_heads == 0)]
+
+
 def split_attention(cfg: ModelConfig, tp) -> AttentionSplit:
     heads, kv_heads, n, d = cfg.num_heads, cfg.num_kv_heads, tp.size, cfg.head_dim
+    if n not in tensor_parallel_sizes(cfg):
+        raise UnsupportedModelError(f"--tensor-parallel-size {n}: the model's {heads} attention heads ({kv_heads} "
+                                    f"KV heads) do not split evenly over {n} ranks; sizes that do: "
+                                    f"{', '.join(map(str, tensor_parallel_sizes(cfg)))}")
     q_start, q_size = even_split(heads, tp, "attention heads")
     if kv_heads % n == 0:
         kv, first = kv_heads // n, tp.rank * (kv_heads // n)
     elif n % kv_heads == 0:  # fewer KV heads than ranks: each rank keeps the one its query heads use
         kv, first = 1, tp.rank * kv_heads // n
-    else:
-        raise UnsupportedModelError(f"--tensor-parallel-size {n}: the model's {kv_heads} KV heads neither split "
-                                    f"over {n} ranks nor replicate evenly across them")
+    else:  # (excluded by tensor_parallel_sizes)
+        raise AssertionError(n)
     return AttentionSplit(q_size, kv, (q_start * d, q_size * d), (first * d, kv * d))
