@@ -53,13 +53,17 @@ def rank_main(transport: str, iters: int, out: str) -> None:
     logits = torch.ones(8, 128256 // size)
     timed(f"gather_to_first 8x{128256 // size} (logits)", lambda: group.gather_to_first(logits))
     message = ("forward", torch.arange(64), torch.arange(64), torch.zeros(8, 32, dtype=torch.int32))
+    # gloo's broadcast returns once sent: a barrier after each keeps rank 0 from running ahead (shared
+    # memory's send already waits for the last message to be read).
+    import torch.distributed as dist
+
     if rank == 0:
-        timed("step message (send)", lambda: (group.send(message), group.barrier() if transport == "gloo" else None))
+        timed("step message (send)", lambda: (group.send(message), dist.barrier() if transport == "gloo" else None))
     else:
         for _ in range(20 + iters):
             group.receive()
             if transport == "gloo":
-                group.barrier()
+                dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     group.close()

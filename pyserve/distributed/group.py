@@ -28,7 +28,8 @@ SHM_FD = "PYSERVE_TP_SHM_FD"  # set by pyserve's launcher: the shared buffer's f
 
 class TensorParallelGroup:
     def __init__(self, rank: int, size: int, device: torch.device, timeout: float, shm_fd: int | None = None,
-                 startup_timeout: float = 1800.0, init_method: str | None = None):
+                 startup_timeout: float = 1800.0, init_method: str | None = None,
+                 rendezvous_timeout: float = 300.0):
         """init_method: where rank 0's store listens (tcp://host:port); None reads MASTER_ADDR/MASTER_PORT."""
         self.rank, self.size, self.device, self.timeout = rank, size, device, timeout
         self.collective_seconds = 0.0
@@ -39,11 +40,13 @@ class TensorParallelGroup:
             self._shm = ShmCommunicator(shm_fd, rank, size, timeout)
         import torch.distributed as dist
 
-        # The default group (and its rendezvous) waits for ranks still loading: a long timeout. Collectives
-        # on `compute` fail after `timeout`: a rank stuck mid-step.
+        # Joining waits rendezvous_timeout for the other ranks' processes to start; the barrier after
+        # loading waits startup_timeout for the slowest rank's weights. Collectives on `compute` fail after
+        # `timeout`: a rank stuck mid-step.
+        self.startup_timeout = startup_timeout
         if not dist.is_initialized():
             dist.init_process_group("gloo", rank=rank, world_size=size, init_method=init_method or "env://",
-                                    timeout=datetime.timedelta(seconds=startup_timeout))
+                                    timeout=datetime.timedelta(seconds=rendezvous_timeout))
         self._dist = dist
         self.control = dist.group.WORLD
         if self._shm is None:
@@ -103,13 +106,10 @@ class TensorParallelGroup:
         self._dist.gather_object(obj, out, dst=0, group=self.control)
         return out
 
-    def min_over_ranks(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.control)
-        return int(t.item())
-
     def barrier(self) -> None:
-        self._dist.barrier(group=self.control)
+        """Every rank here (after loading: as long as the slowest rank's weights take); rank 0's error
+        names a rank that never came."""
+        self._dist.monitored_barrier(group=self.control, timeout=datetime.timedelta(seconds=self.startup_timeout))
 
     def abort(self) -> None:
         """Fail every rank's pending wait (shared memory: at once; torch.distributed: as peers close)."""
