@@ -139,6 +139,30 @@ class LocalRanks:
             self.shm_fd = None
 
 
+def _join(ranks: LocalRanks | None, make_group):
+    """make_group() (joining waits for every rank), except that a rank pyserve started which exits first
+    fails it at once, with why, instead of after the rendezvous timeout."""
+    if ranks is None:
+        return make_group()
+    box: dict = {}
+
+    def join() -> None:
+        try:
+            box["group"] = make_group()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=join, name="pyserve-tp-join", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+        if ranks.failure is not None and t.is_alive():  # the thread stays blocked; the process is failing
+            raise PeerFailure(f"{ranks.failure} before joining the group")
+    if "error" in box:
+        raise box["error"]
+    return box["group"]
+
+
 def start_rank0(model, config) -> tuple[TensorParallelGroup, LocalRanks | None]:
     """This process as rank 0 of a group of config.tensor_parallel_size: started by torchrun (the other
     ranks are its), or else starting the other ranks here."""
@@ -146,6 +170,10 @@ def start_rank0(model, config) -> tuple[TensorParallelGroup, LocalRanks | None]:
     env = rank_from_env()
     ranks = None
     if env is None:
+        dev = torch.device(config.device)
+        if dev.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(f"--tensor-parallel-size {size} on one host needs {size} GPUs (one per rank); torch "
+                             f"sees {torch.cuda.device_count()}")
         ranks = LocalRanks(size, model, config)
         local = size
     else:
@@ -158,9 +186,9 @@ def start_rank0(model, config) -> tuple[TensorParallelGroup, LocalRanks | None]:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(threads_per_rank(local))
     try:
-        group = TensorParallelGroup(0, size, rank_device(config.device), config.distributed_timeout,
-                                    ranks.shm_fd if ranks is not None else None,
-                                    init_method=ranks.init_method if ranks is not None else None)
+        group = _join(ranks, lambda: TensorParallelGroup(
+            0, size, rank_device(config.device), config.distributed_timeout,
+            ranks.shm_fd if ranks is not None else None, init_method=ranks.init_method if ranks is not None else None))
     except BaseException:
         if ranks is not None:
             ranks.kill()

@@ -102,3 +102,17 @@ def test_head_count_that_does_not_split_is_refused():
     with pytest.raises(Exception, match=r"--tensor-parallel-size 2: the model's 9 attention heads \(3 KV heads\) "
                                         r"do not split evenly over 2 ranks; sizes that do: 1, 3, 9"):
         LLMEngine(None, EngineConfig(tensor_parallel_size=2))
+
+
+def test_a_rank_that_dies_before_joining_fails_startup_at_once(tiny_llama, monkeypatch):
+    """Rank 1's process exits at once (here: it is not Python at all); rank 0 says so within seconds
+    rather than waiting out the rendezvous timeout."""
+    import time
+
+    from pyserve.distributed import launch
+
+    monkeypatch.setattr(launch.sys, "executable", "/bin/false")
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"tensor-parallel rank 1 \(pid \d+\) exited \(exit code 1\) before joining"):
+        LLMEngine(tiny_llama, EngineConfig(tensor_parallel_size=2))
+    assert time.monotonic() - start < 30
