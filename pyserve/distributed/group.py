@@ -24,12 +24,13 @@ from pyserve.distributed.shm import PeerFailure, ShmCommunicator
 # Environment of a rank: torchrun's names, which pyserve's own launcher sets too.
 RANK, WORLD_SIZE, LOCAL_WORLD_SIZE = "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"
 SHM_FD = "PYSERVE_TP_SHM_FD"  # set by pyserve's launcher: the shared buffer's file descriptor
+WAKE_FDS = "PYSERVE_TP_WAKE_FDS"  # and the eventfds that wake idle ranks, comma-separated (shm.py)
 
 
 class TensorParallelGroup:
     def __init__(self, rank: int, size: int, device: torch.device, timeout: float, shm_fd: int | None = None,
                  startup_timeout: float = 1800.0, init_method: str | None = None,
-                 rendezvous_timeout: float = 300.0):
+                 rendezvous_timeout: float = 300.0, wake_fds: list[int] | None = None):
         """init_method: where rank 0's store listens (tcp://host:port); None reads MASTER_ADDR/MASTER_PORT."""
         self.rank, self.size, self.device, self.timeout = rank, size, device, timeout
         self.collective_seconds = 0.0
@@ -37,7 +38,7 @@ class TensorParallelGroup:
         self._shm = None
         self._dist = None
         if shm_fd is not None and device.type == "cpu":
-            self._shm = ShmCommunicator(shm_fd, rank, size, timeout)
+            self._shm = ShmCommunicator(shm_fd, rank, size, timeout, wake_fds)
         import torch.distributed as dist
 
         # Joining waits rendezvous_timeout for the other ranks' processes to start; the barrier after
@@ -138,4 +139,9 @@ def shm_fd_from_env() -> int | None:
     return int(fd) if fd else None
 
 
-__all__ = ["PeerFailure", "TensorParallelGroup", "rank_from_env", "shm_fd_from_env"]
+def wake_fds_from_env() -> list[int] | None:
+    fds = os.environ.get(WAKE_FDS)
+    return [int(fd) for fd in fds.split(",")] if fds else None
+
+
+__all__ = ["PeerFailure", "TensorParallelGroup", "rank_from_env", "shm_fd_from_env", "wake_fds_from_env"]

@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from pyserve.distributed.group import SHM_FD, TensorParallelGroup, rank_from_env
-from pyserve.distributed.shm import PeerFailure, create_memfd
+from pyserve.distributed.group import SHM_FD, WAKE_FDS, TensorParallelGroup, rank_from_env
+from pyserve.distributed.shm import PeerFailure, create_memfd, create_wake_fds
 
 log = logging.getLogger("pyserve.distributed")
 WORKER_SPEC = "PYSERVE_TP_WORKER"  # JSON: the model path and the EngineConfig, for a rank pyserve starts
@@ -76,15 +76,17 @@ class LocalRanks:
         base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(size),
                 "LOCAL_WORLD_SIZE": str(size)}
         self.shm_fd = create_memfd(size) if torch.device(config.device).type == "cpu" else None
+        self.wake_fds = create_wake_fds(size) if self.shm_fd is not None else None
         spec = json.dumps({"model": None if model is None else str(model), "config": dataclasses.asdict(config)})
         self.procs: list[subprocess.Popen] = []
         for rank in range(1, size):
             env = {**os.environ, **base, "RANK": str(rank), "LOCAL_RANK": str(rank), WORKER_SPEC: spec}
             if self.shm_fd is not None:
                 env[SHM_FD] = str(self.shm_fd)
+                env[WAKE_FDS] = ",".join(map(str, self.wake_fds))
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "pyserve.distributed.worker"], env=env,
-                pass_fds=() if self.shm_fd is None else (self.shm_fd,), start_new_session=True,
+                pass_fds=() if self.shm_fd is None else (self.shm_fd, *self.wake_fds), start_new_session=True,
                 preexec_fn=_die_with_parent))
         self.init_method = f"tcp://127.0.0.1:{port}"
         self._watch = threading.Thread(target=self._supervise, name="pyserve-tp-supervisor", daemon=True)
@@ -131,12 +133,12 @@ class LocalRanks:
                 p.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-        if self.shm_fd is not None:
+        for fd in ([self.shm_fd] if self.shm_fd is not None else []) + (self.wake_fds or []):
             try:
-                os.close(self.shm_fd)
+                os.close(fd)
             except OSError:
                 pass
-            self.shm_fd = None
+        self.shm_fd = self.wake_fds = None
 
 
 def _join(ranks: LocalRanks | None, make_group):
@@ -188,7 +190,8 @@ def start_rank0(model, config) -> tuple[TensorParallelGroup, LocalRanks | None]:
     try:
         group = _join(ranks, lambda: TensorParallelGroup(
             0, size, rank_device(config.device), config.distributed_timeout,
-            ranks.shm_fd if ranks is not None else None, init_method=ranks.init_method if ranks is not None else None))
+            ranks.shm_fd if ranks is not None else None, init_method=ranks.init_method if ranks is not None else None,
+            wake_fds=ranks.wake_fds if ranks is not None else None))
     except BaseException:
         if ranks is not None:
             ranks.kill()

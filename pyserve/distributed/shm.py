@@ -13,9 +13,11 @@ rank and read by the others: an aligned 8-byte store is atomic, and x86's store 
 rank's slot data visible to another core before the counter it stores afterwards. (A CPU with a weaker
 memory order would need a fence between the two.)
 
-Waiting spins briefly, then yields the core (more ranks than cores: TP=3 on 2 cores), and gives up with
-PeerFailure after `timeout` seconds (a rank that hangs), or at once when a rank sets the shared abort
-flag (the supervisor saw a rank die).
+Waiting spins briefly, then yields the core (more ranks than cores: TP=3 on 2 cores), then sleeps: a rank
+waiting for rank 0's next message sleeps in select() on its own eventfd, which rank 0 writes after each
+message (an idle server's ranks cost ~0.6% of a core instead of ~3.7% polling), other waits nap. A
+wait gives up with PeerFailure after `timeout` seconds (a rank that hangs), or at once when a rank sets
+the shared abort flag (the supervisor saw a rank die).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import select
 import time
 
 import numpy as np
@@ -36,6 +39,7 @@ _MAX_RANKS = 64
 _SPINS = 200  # checks before the first yield (~0.1 ms)
 _YIELD_SECONDS = 0.005
 _NAP_SECONDS, _IDLE_SECONDS, _IDLE_NAP_SECONDS = 0.0002, 0.1, 0.001
+_WAKE_CHECK_SECONDS = 0.1  # a rank sleeping on its eventfd still checks the abort flag this often
 
 
 class PeerFailure(RuntimeError):
@@ -44,6 +48,14 @@ class PeerFailure(RuntimeError):
 
 def buffer_bytes(world_size: int) -> int:
     return _HEADER + MESSAGE_BYTES + 2 * world_size * SLOT_BYTES
+
+
+def create_wake_fds(world_size: int) -> list[int]:
+    """One inheritable, non-blocking eventfd per rank > 0."""
+    fds = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(world_size - 1)]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    return fds
 
 
 def create_memfd(world_size: int) -> int:
@@ -55,7 +67,9 @@ def create_memfd(world_size: int) -> int:
 
 
 class ShmCommunicator:
-    def __init__(self, fd: int, rank: int, world_size: int, timeout: float):
+    def __init__(self, fd: int, rank: int, world_size: int, timeout: float, wake_fds: list[int] | None = None):
+        """wake_fds: one eventfd per rank > 0 (index rank - 1), which rank 0 writes after each message, so
+        that a rank idle between requests sleeps in select() instead of polling (None: it polls)."""
         if world_size > _MAX_RANKS:
             raise ValueError(f"at most {_MAX_RANKS} ranks share memory")
         self.rank, self.size, self.timeout = rank, world_size, timeout
@@ -67,13 +81,14 @@ class ShmCommunicator:
         self._slots = slots.view(2, world_size, SLOT_BYTES)
         self._epoch = 0
         self._messages_read = 0
+        self._wake_fds = wake_fds
 
     # ---- waiting ------------------------------------------------------------------------------
 
-    def _wait(self, ready, what: str, timeout: float | None) -> None:
+    def _wait(self, ready, what: str, timeout: float | None, wake_fd: int | None = None) -> None:
         """Until ready(): spin (a partner a few µs behind), then yield the core between checks for the
-        first few ms (more ranks than cores: the partner may need this one), then sleep, 0.2 ms at a
-        time and 1 ms once idle (a rank waiting for rank 0's next request)."""
+        first few ms (more ranks than cores: the partner may need this one), then sleep: until wake_fd is
+        written where there is one (rank 0's next message), else 0.2 ms at a time, 1 ms once idle."""
         for _ in range(_SPINS):
             if ready():
                 return
@@ -91,6 +106,12 @@ class ShmCommunicator:
             waited = now - start
             if waited < _YIELD_SECONDS:
                 os.sched_yield()
+            elif wake_fd is not None:
+                if select.select([wake_fd], [], [], _WAKE_CHECK_SECONDS)[0]:
+                    try:
+                        os.eventfd_read(wake_fd)  # consumed: the next wait sleeps until the next write
+                    except BlockingIOError:
+                        pass
             else:
                 time.sleep(_NAP_SECONDS if waited < _IDLE_SECONDS else _IDLE_NAP_SECONDS)
 
@@ -155,11 +176,14 @@ class ShmCommunicator:
         self._message[: len(data)] = np.frombuffer(data, dtype=np.uint8)
         counters[2] = len(data)
         counters[1] = seq + 1
+        for wake_fd in self._wake_fds or ():
+            os.eventfd_write(wake_fd, 1)
 
     def receive(self):
         """Ranks > 0: the next message from rank 0 (waits as long as rank 0 is idle)."""
         counters, want = self._counters, self._messages_read + 1
-        self._wait(lambda: counters[1] >= want, "waiting for rank 0", None)
+        wake_fd = self._wake_fds[self.rank - 1] if self._wake_fds else None
+        self._wait(lambda: counters[1] >= want, "waiting for rank 0", None, wake_fd)
         obj = pickle.loads(self._message[: int(counters[2])].tobytes())
         self._messages_read = want
         counters[8 + _MAX_RANKS + self.rank] = want

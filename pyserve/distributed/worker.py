@@ -20,7 +20,7 @@ def run_rank(model, config) -> int:
     import torch
 
     from pyserve.distributed.executor import follow
-    from pyserve.distributed.group import TensorParallelGroup, rank_from_env, shm_fd_from_env
+    from pyserve.distributed.group import TensorParallelGroup, rank_from_env, shm_fd_from_env, wake_fds_from_env
     from pyserve.distributed.state import set_tensor_parallel
     from pyserve.models import load_model
 
@@ -30,7 +30,7 @@ def run_rank(model, config) -> int:
     group = None
     try:
         group = TensorParallelGroup(rank, size, rank_device(config.device), config.distributed_timeout,
-                                    shm_fd_from_env())
+                                    shm_fd_from_env(), wake_fds=wake_fds_from_env())
         set_tensor_parallel(group)
         t = time.perf_counter()
         shard = load_model(model, device=group.device, dtype=config.dtype, max_positions=config.max_model_len,
