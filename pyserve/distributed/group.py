@@ -112,10 +112,11 @@ class TensorParallelGroup:
         names a rank that never came."""
         self._dist.monitored_barrier(group=self.control, timeout=datetime.timedelta(seconds=self.startup_timeout))
 
-    def abort(self) -> None:
-        """Fail every rank's pending wait (shared memory: at once; torch.distributed: as peers close)."""
+    def abort(self, reason: str | None = None) -> None:
+        """Fail every rank's pending wait (shared memory: at once; torch.distributed: as peers close);
+        this rank's fails with `reason`."""
         if self._shm is not None:
-            self._shm.abort()
+            self._shm.abort(reason)
 
     def close(self) -> None:
         if self._shm is not None:

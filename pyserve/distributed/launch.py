@@ -70,7 +70,7 @@ class LocalRanks:
     def __init__(self, size: int, model, config):
         self.size = size
         self.failure: str | None = None
-        self.on_failure = None  # called (from the supervisor thread) when a rank exits unasked
+        self.on_failure = None  # called with why (from the supervisor thread) when a rank exits unasked
         self._stopping = False
         port = _free_port()
         base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(size),
@@ -104,7 +104,7 @@ class LocalRanks:
                     self.failure = f"tensor-parallel rank {rank} (pid {p.pid}) exited ({how})"
                     log.error("%s; the group cannot run without it", self.failure)
                     if self.on_failure is not None:
-                        self.on_failure()
+                        self.on_failure(self.failure)
                     return
             time.sleep(0.1)
 

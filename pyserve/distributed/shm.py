@@ -82,6 +82,7 @@ class ShmCommunicator:
         self._epoch = 0
         self._messages_read = 0
         self._wake_fds = wake_fds
+        self._abort_reason: str | None = None  # in the process that aborted: why
 
     # ---- waiting ------------------------------------------------------------------------------
 
@@ -99,7 +100,8 @@ class ShmCommunicator:
             checks += 1
             now = time.monotonic()
             if self._counters[0]:
-                raise PeerFailure(f"rank {self.rank}: a rank of the tensor-parallel group failed ({what})")
+                raise PeerFailure(self._abort_reason or
+                                  f"rank {self.rank}: a rank of the tensor-parallel group failed ({what})")
             if deadline is not None and now > deadline:
                 raise PeerFailure(f"rank {self.rank}: no answer from the other ranks in {timeout:.0f} s ({what}); "
                                   f"a rank has hung")
@@ -115,8 +117,9 @@ class ShmCommunicator:
             else:
                 time.sleep(_NAP_SECONDS if waited < _IDLE_SECONDS else _IDLE_NAP_SECONDS)
 
-    def abort(self) -> None:
-        """Make every rank's wait fail (the supervisor saw a rank die)."""
+    def abort(self, reason: str | None = None) -> None:
+        """Make every rank's wait fail (the supervisor saw a rank die); this rank's says `reason`."""
+        self._abort_reason = reason
         self._counters[0] = 1
 
     # ---- collectives -------------------------------------------------------------------------

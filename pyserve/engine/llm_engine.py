@@ -364,12 +364,7 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             prompt_part = max(0, min(seq.num_computed + n, len(seq.prompt_ids)) - seq.num_computed)
             self.prompt_tokens += prompt_part
-        try:
-            result: StepResult = self.runner.execute(batch)  # raises only for the step as a whole
-        except Exception as e:
-            if self.local_ranks is not None and self.local_ranks.failure is not None:
-                raise RuntimeError(self.local_ranks.failure) from e  # why the group failed, not where rank 0 noticed
-            raise
+        result: StepResult = self.runner.execute(batch)  # raises only for the step as a whole
         self.num_steps += 1
         failed: dict[str, BaseException] = {seq.request_id: e for seq, e in result.failed}
         touched: dict[str, _Request] = {}
